@@ -1,0 +1,227 @@
+"""Validated, frozen run configuration.
+
+Experiment files (`configs/*.py`) return `ml_collections.ConfigDict`s so that any
+field can be overridden from the command line; `from_configdict` turns one into the
+frozen dataclasses below at the boundary, so the library never sees a typo. Every
+error is one line that names the field and says what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, Mapping, Optional
+
+
+class ConfigError(ValueError):
+  """A config field is unknown, ill-typed or out of range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """One config for all model families (decoder now; encoder/enc-dec/MoE extend it)."""
+
+  family: str = "decoder"  # decoder | encoder | encoder_decoder
+  vocab_size: int = 2048
+  d_model: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 0  # 0 -> num_heads (multi-head); < num_heads -> GQA / MQA
+  head_dim: int = 0  # 0 -> d_model // num_heads
+  d_ff: int = 512
+  max_len: int = 256  # context window (learned-position table size)
+  positions: str = "learned"  # learned | rope | none
+  rope_theta: float = 10000.0
+  norm: str = "layernorm"  # layernorm | rmsnorm
+  norm_eps: float = 1e-5
+  activation: str = "gelu"  # gelu (tanh approx., GPT-2) | gelu_exact | relu | swiglu | geglu
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  dropout: float = 0.0
+  init_std: float = 0.02
+  dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str = "embedded"  # embedded | text:PATH[,PATH] | jsonl:PATH | tfds:NAME
+  data_dir: Optional[str] = None  # TFDS data_dir
+  tfds_download: bool = False  # TFDS never downloads unless asked
+  text_key: str = "text"  # JSONL / TFDS feature holding the text
+  train_split: str = "train"
+  eval_split: str = "validation"
+  seq_len: int = 128
+  batch_size: int = 16  # global batch, in rows
+  tokenizer_path: Optional[str] = None  # an existing sentencepiece .model; else trained
+  num_sentinels: int = 100  # ids reserved for span-corruption sentinels
+  max_documents: int = 0  # 0 = all
+  shuffle_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 200
+  learning_rate: float = 3e-3
+  warmup_steps: int = 20
+  min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip: float = 1.0
+  microbatches: int = 1  # gradient accumulation: the batch is split into this many
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 8
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  peak_flops: float = 0.0  # per device; 0 -> measured with a matmul at start
+  num_samples: int = 3  # samples printed at the end of training
+  sample_tokens: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+  data: int = -1  # -1: all devices not used by the other axes
+  fsdp: int = 1
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  parallel: ParallelConfig = ParallelConfig()
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+             "parallel": ParallelConfig}
+_CHOICES = {
+    "model.family": ("decoder", "encoder", "encoder_decoder"),
+    "model.positions": ("learned", "rope", "none"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.activation": ("gelu", "gelu_exact", "relu", "swiglu", "geglu"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16", "float16"),
+    "model.remat": ("none", "full", "dots"),
+}
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> Any:
+  """Returns `value` coerced to `annotation` (int->float only) or raises ConfigError.
+
+  Annotations arrive as strings (postponed evaluation), hence the lookup table.
+  """
+  ann = {"int": int, "float": float, "str": str, "bool": bool,
+         "Optional[str]": Optional[str], "Optional[int]": Optional[int]}.get(annotation, annotation)
+  origin = typing.get_origin(ann)
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(ann)
+    if value is None and type(None) in args:
+      return None
+    ann = next(a for a in args if a is not type(None))
+  if ann is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if ann is bool and not isinstance(value, bool):
+    raise ConfigError(f"config.{name}={value!r}: expected true/false")
+  if ann is int and (isinstance(value, bool) or not isinstance(value, int)):
+    raise ConfigError(f"config.{name}={value!r}: expected an integer")
+  if not isinstance(value, ann):
+    raise ConfigError(f"config.{name}={value!r}: expected {ann.__name__}")
+  return value
+
+
+def _build(cls, section: str, values: Mapping[str, Any]):
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  kwargs = {}
+  for key, value in values.items():
+    if key not in fields:
+      raise ConfigError(f"config.{section}.{key}: unknown field; valid fields: "
+                        f"{', '.join(sorted(fields))}")
+    kwargs[key] = _check_type(f"{section}.{key}", value, fields[key].type)
+    choices = _CHOICES.get(f"{section}.{key}")
+    if choices and kwargs[key] not in choices:
+      raise ConfigError(f"config.{section}.{key}={value!r}: must be one of {', '.join(choices)}")
+  return cls(**kwargs)
+
+
+def _require(ok: bool, message: str):
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate_model(m: ModelConfig) -> ModelConfig:
+  for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
+    _require(getattr(m, name) > 0, f"config.model.{name}={getattr(m, name)}: must be > 0")
+  _require(m.head_dim > 0 or m.d_model % m.num_heads == 0,
+           f"config.model.d_model={m.d_model} is not divisible by num_heads={m.num_heads}; "
+           "change one or set model.head_dim")
+  _require(m.kv_heads <= m.num_heads and m.num_heads % m.kv_heads == 0,
+           f"config.model.num_kv_heads={m.num_kv_heads}: must divide num_heads={m.num_heads}")
+  _require(not (m.positions == "rope" and m.dim_per_head % 2),
+           f"config.model.head_dim={m.dim_per_head}: RoPE needs an even head dim")
+  _require(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout}: must be in [0, 1)")
+  return m
+
+
+def validate(cfg: Config) -> Config:
+  validate_model(cfg.model)
+  d, t = cfg.data, cfg.train
+  _require(d.seq_len > 1, f"config.data.seq_len={d.seq_len}: must be > 1")
+  _require(d.seq_len <= cfg.model.max_len or cfg.model.positions != "learned",
+           f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={cfg.model.max_len}; "
+           "lower seq_len or raise max_len")
+  _require(d.batch_size > 0, f"config.data.batch_size={d.batch_size}: must be > 0")
+  _require(t.steps > 0, f"config.train.steps={t.steps}: must be > 0")
+  _require(t.microbatches > 0 and d.batch_size % t.microbatches == 0,
+           f"config.train.microbatches={t.microbatches}: must divide data.batch_size={d.batch_size}")
+  _require(t.learning_rate > 0, f"config.train.learning_rate={t.learning_rate}: must be > 0")
+  _require(0 <= t.warmup_steps, f"config.train.warmup_steps={t.warmup_steps}: must be >= 0")
+  _require(t.keep_checkpoints > 0, f"config.train.keep_checkpoints={t.keep_checkpoints}: must be > 0")
+  for axis in ("fsdp", "tensor"):
+    _require(getattr(cfg.parallel, axis) > 0, f"config.parallel.{axis}: must be > 0")
+  return cfg
+
+
+def from_configdict(cd: Any) -> Config:
+  """Builds and validates a `Config` from a ConfigDict / nested mapping."""
+  values = cd.to_dict() if hasattr(cd, "to_dict") else dict(cd)
+  sections = {}
+  for key, value in values.items():
+    if key not in _SECTIONS:
+      raise ConfigError(f"config.{key}: unknown section; valid sections: {', '.join(_SECTIONS)}")
+    if not isinstance(value, Mapping):
+      raise ConfigError(f"config.{key}: expected a group of fields, got {value!r}")
+    sections[key] = _build(_SECTIONS[key], key, value)
+  return validate(Config(**sections))
+
+
+def model_from_dict(values: Mapping[str, Any]) -> ModelConfig:
+  return validate_model(_build(ModelConfig, "model", values))
+
+
+def to_dict(cfg) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def to_json(cfg) -> str:
+  return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> Config:
+  return from_configdict(json.loads(text))

@@ -1,0 +1,101 @@
+"""Dot-product attention (pure jnp) and the multi-head attention module with KV cache.
+
+Einsum letters: B batch, T query length, S key length, N query heads, K kv heads,
+G = N / K query heads per kv head, H head dim, D model dim.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm.config import ModelConfig
+from llm.layers.linear import Linear
+from llm.layers.position import apply_rope
+
+_NEG_INF = -1e30  # finite, so a fully masked row gives a uniform (not NaN) softmax
+
+
+def causal_segment_mask(segment_ids_BT: jax.Array) -> jax.Array:
+  """mask_BTS: query t sees key s iff s <= t and both lie in the same packed segment."""
+  t = segment_ids_BT.shape[1]
+  causal_TS = jnp.tril(jnp.ones((t, t), dtype=bool))
+  same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  return causal_TS[None] & same_BTS
+
+
+def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None):
+  """Softmax(q k^T / sqrt(H) + bias) v with grouped kv heads; softmax in float32."""
+  b, t, n, h = q_BTNH.shape
+  k = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
+  logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+                            preferred_element_type=jnp.float32) * (h ** -0.5)
+  if bias_BNTS is not None:
+    logits_BKGTS = logits_BKGTS + bias_BNTS.reshape(b, k, n // k, t, -1)
+  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _NEG_INF)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+  return out_BTKGH.reshape(b, t, n, h)
+
+
+class Attention(nn.Module):
+  """Self-attention with optional RoPE, GQA, and an autoregressive KV cache.
+
+  With `decode=True` keys/values are written into the "cache" collection at the running
+  cache index; `segment_ids` then marks real tokens (non-zero) versus left padding, and
+  each query sees the cached keys up to its own slot that hold real tokens.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, decode: bool = False,
+               deterministic: bool = True):
+    cfg = self.cfg
+    n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    proj = lambda features, axes, name, in_dims=1: Linear(
+        features, axes, in_dims=in_dims, use_bias=cfg.use_bias, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, init_std=cfg.init_std, name=name)
+    q_BTNH = proj((n, h), ("embed", "heads", "head_dim"), "query")(x_BTD)
+    k_BTKH = proj((k, h), ("embed", "kv_heads", "head_dim"), "key")(x_BTD)
+    v_BTKH = proj((k, h), ("embed", "kv_heads", "head_dim"), "value")(x_BTD)
+    if cfg.positions == "rope":
+      q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
+      k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
+    q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "heads", "head_dim"))
+
+    if decode and self.is_mutable_collection("cache") and self.has_variable("cache", "key"):
+      k_BSKH, v_BSKH, mask_BTS = self._update_cache(k_BTKH, v_BTKH, segment_ids_BT)
+    else:
+      if decode:  # first call (cache init): allocate for this many slots
+        self._cache_vars(x_BTD.shape[0], x_BTD.shape[1], k, h)
+      k_BSKH, v_BSKH = k_BTKH, v_BTKH
+      mask_BTS = causal_segment_mask(segment_ids_BT)
+
+    out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    out_BTNH = nn.Dropout(cfg.dropout)(out_BTNH, deterministic=deterministic)
+    return proj((cfg.d_model,), ("heads", "head_dim", "embed"), "out", in_dims=2)(out_BTNH)
+
+  def _cache_vars(self, batch, length, k, h):
+    dtype = jnp.dtype(self.cfg.dtype)
+    return (self.variable("cache", "key", jnp.zeros, (batch, length, k, h), dtype),
+            self.variable("cache", "value", jnp.zeros, (batch, length, k, h), dtype),
+            self.variable("cache", "valid", jnp.zeros, (batch, length), bool),
+            self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32)))
+
+  def _update_cache(self, k_BTKH, v_BTKH, segment_ids_BT):
+    key, value, valid, index = self._cache_vars(None, None, None, None)
+    t, s = k_BTKH.shape[1], key.value.shape[1]
+    i = index.value
+    key.value = jax.lax.dynamic_update_slice(key.value, k_BTKH.astype(key.value.dtype),
+                                             (0, i, 0, 0))
+    value.value = jax.lax.dynamic_update_slice(value.value, v_BTKH.astype(value.value.dtype),
+                                               (0, i, 0, 0))
+    valid.value = jax.lax.dynamic_update_slice(valid.value, segment_ids_BT != 0, (0, i))
+    index.value = i + t
+    slot_T = i + jnp.arange(t)
+    causal_TS = jnp.arange(s)[None, :] <= slot_T[:, None]
+    mask_BTS = causal_TS[None] & valid.value[:, None, :]
+    return key.value, value.value, mask_BTS

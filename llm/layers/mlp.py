@@ -1,0 +1,37 @@
+"""Position-wise feed-forward block: GELU / ReLU, or gated (SwiGLU, GeGLU)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm.config import ModelConfig
+from llm.layers.linear import Linear
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "swiglu": jax.nn.silu,
+    "geglu": lambda x: jax.nn.gelu(x, approximate=True),
+}
+GATED = ("swiglu", "geglu")
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
+    cfg = self.cfg
+    proj = lambda features, axes, name: Linear(
+        features, axes, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        init_std=cfg.init_std, name=name)
+    act = _ACTIVATIONS[cfg.activation]
+    if cfg.activation in GATED:
+      h_BTF = act(proj((cfg.d_ff,), ("embed", "mlp"), "wi_gate")(x_BTD))
+      h_BTF = h_BTF * proj((cfg.d_ff,), ("embed", "mlp"), "wi_up")(x_BTD)
+    else:
+      h_BTF = act(proj((cfg.d_ff,), ("embed", "mlp"), "wi")(x_BTD))
+    h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
+    h_BTF = nn.Dropout(cfg.dropout)(h_BTF, deterministic=deterministic)
+    return proj((cfg.d_model,), ("mlp", "embed"), "wo")(h_BTF)
