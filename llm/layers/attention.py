@@ -64,9 +64,9 @@ class Attention(nn.Module):
     if cfg.positions == "rope":
       q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
       k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
-    q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "heads", "head_dim"))
+    q_BTNH = nn.with_logical_constraint(q_BTNH, ("act_batch", "act_length", "act_heads", None))
 
-    if decode and self.is_mutable_collection("cache") and self.has_variable("cache", "key"):
+    if decode and self.has_variable("cache", "cached_key"):
       k_BSKH, v_BSKH, mask_BTS = self._update_cache(k_BTKH, v_BTKH, segment_ids_BT)
     else:
       if decode:  # first call (cache init): allocate for this many slots
@@ -80,10 +80,10 @@ class Attention(nn.Module):
 
   def _cache_vars(self, batch, length, k, h):
     dtype = jnp.dtype(self.cfg.dtype)
-    return (self.variable("cache", "key", jnp.zeros, (batch, length, k, h), dtype),
-            self.variable("cache", "value", jnp.zeros, (batch, length, k, h), dtype),
-            self.variable("cache", "valid", jnp.zeros, (batch, length), bool),
-            self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32)))
+    return (self.variable("cache", "cached_key", jnp.zeros, (batch, length, k, h), dtype),
+            self.variable("cache", "cached_value", jnp.zeros, (batch, length, k, h), dtype),
+            self.variable("cache", "cached_valid", jnp.zeros, (batch, length), bool),
+            self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32)))
 
   def _update_cache(self, k_BTKH, v_BTKH, segment_ids_BT):
     key, value, valid, index = self._cache_vars(None, None, None, None)

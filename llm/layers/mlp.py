@@ -32,6 +32,6 @@ class MLP(nn.Module):
       h_BTF = h_BTF * proj((cfg.d_ff,), ("embed", "mlp"), "wi_up")(x_BTD)
     else:
       h_BTF = act(proj((cfg.d_ff,), ("embed", "mlp"), "wi")(x_BTD))
-    h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
+    h_BTF = nn.with_logical_constraint(h_BTF, ("act_batch", "act_length", "act_mlp"))
     h_BTF = nn.Dropout(cfg.dropout)(h_BTF, deterministic=deterministic)
     return proj((cfg.d_model,), ("mlp", "embed"), "wo")(h_BTF)

@@ -1,5 +1,7 @@
 """Model families: `build(cfg)` returns the Linen module for `cfg.family`."""
 
+from __future__ import annotations
+
 import flax.linen as nn
 
 from llm.config import ModelConfig
@@ -11,3 +13,19 @@ def build(cfg: ModelConfig) -> nn.Module:
     return Decoder(cfg)
   raise NotImplementedError(
       f"config.model.family={cfg.family!r} is not built yet; use 'decoder'")
+
+
+def make_forward(module: nn.Module):
+  """(params, batch, rng|None) -> (logits_BTV, aux_losses): the train step's view of a model.
+
+  `rng` None means deterministic (eval); otherwise it seeds dropout.
+  """
+  cfg = module.cfg
+
+  def forward(params, batch, rng):
+    deterministic = rng is None or cfg.dropout == 0.0
+    logits = module.apply({"params": params}, batch["inputs"], batch.get("positions"),
+                          batch.get("segment_ids"), deterministic=deterministic,
+                          rngs=None if deterministic else {"dropout": rng})
+    return logits, {}
+  return forward

@@ -40,7 +40,7 @@ class DecoderBlock(nn.Module):
     x_BTD = x_BTD + nn.Dropout(cfg.dropout)(h_BTD, deterministic=self.deterministic)
     h_BTD = MLP(cfg, name="mlp")(make_norm(cfg, "mlp_norm")(x_BTD), self.deterministic)
     x_BTD = x_BTD + nn.Dropout(cfg.dropout)(h_BTD, deterministic=self.deterministic)
-    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+    x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
     return x_BTD, None
 
 
@@ -120,7 +120,7 @@ class Decoder(nn.Module):
                             param_dtype=cfg.param_dtype, init_std=cfg.init_std,
                             name="pos_embed")(positions_BT)
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
-    x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+    x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
     stack = block_stack(DecoderBlock, cfg, decode=decode, deterministic=deterministic)
     x_BTD = stack(x_BTD, positions_BT, segment_ids_BT)
     x_BTD = make_norm(cfg, "final_norm")(x_BTD)
@@ -131,4 +131,4 @@ class Decoder(nn.Module):
                           param_dtype=cfg.param_dtype, init_std=cfg.init_std,
                           name="lm_head")(x_BTD)
     return nn.with_logical_constraint(logits_BTV.astype(jnp.float32),
-                                      ("batch", "length", "vocab"))
+                                      ("act_batch", "act_length", "act_vocab"))

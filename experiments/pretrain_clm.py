@@ -1,0 +1,47 @@
+"""Causal-LM pretraining: the main job.
+
+  python -m experiments.pretrain_clm --config configs/gpt.py:tiny --workdir /tmp/gpt_tiny
+
+Trains on the embedded corpus by default (offline), resumes from the workdir's latest
+checkpoint, then prints the final losses and a few samples.
+"""
+
+import json
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments.common import one_line_errors
+from llm import config as config_lib
+from llm import data, eval as eval_lib, parallel, train
+from llm.inference import SamplingConfig
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/gpt.py:tiny", "Experiment config.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, tokenizer go here.",
+                               required=True)
+_PROMPTS = ("The ", "A function that", "Return the")
+
+
+@one_line_errors
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  parallel.init_distributed()
+  cfg = config_lib.from_configdict(_CONFIG.value)
+  last = train.run(cfg, _WORKDIR.value)
+  _, params, tokenizer = train.load(_WORKDIR.value)
+  rows = data.build_dataset(cfg.data, tokenizer, cfg.data.eval_split)
+  summary = {"step": last.get("step"), "train_loss": last.get("train_loss"),
+             "eval_loss": last.get("eval_loss"),
+             "eval_unigram_entropy": eval_lib.unigram_entropy(rows["targets"], rows["weights"]),
+             "tokens_per_s": last.get("tokens_per_s"), "mfu": last.get("mfu")}
+  print(json.dumps(summary))
+  sampling = SamplingConfig(temperature=0.8, top_k=40, max_new_tokens=cfg.train.sample_tokens,
+                            eos_id=tokenizer.eos_id)
+  prompts = _PROMPTS[:cfg.train.num_samples]
+  for prompt, text in zip(prompts, train.sample_texts(cfg, params, tokenizer, prompts, sampling)):
+    print(f"--- {prompt!r} -> {prompt}{text}")
+
+
+if __name__ == "__main__":
+  app.run(main)

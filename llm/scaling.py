@@ -1,0 +1,35 @@
+"""FLOPs per token, used for MFU (more of the compute-budget calculators land here)."""
+
+from llm.config import ModelConfig
+
+
+def param_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:
+  d, f, n, k, h = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+  attn = d * n * h * 2 + d * k * h * 2
+  mlp = d * f * (3 if cfg.activation in ("swiglu", "geglu") else 2)
+  per_layer = attn + mlp
+  total = cfg.num_layers * per_layer
+  if include_embeddings:
+    total += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    total += cfg.max_len * d if cfg.positions == "learned" else 0
+  return total
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+  """Weights that take part in a matmul per token: blocks plus the LM head."""
+  return param_count(cfg, include_embeddings=False) + cfg.vocab_size * cfg.d_model
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """6 N (forward + backward matmuls) plus causal attention scores and mixing.
+
+  The attention term is 6 * L * T * N*H (QK^T and PV, forward and backward), halved
+  because a causal mask leaves half the score matrix unused (as in the PaLM paper's MFU).
+  """
+  attn = 6 * cfg.num_layers * seq_len * cfg.num_heads * cfg.dim_per_head
+  return 6 * matmul_params(cfg) + attn
+
+
+def forward_flops_per_token(cfg: ModelConfig, context_len: int) -> float:
+  attn = 4 * cfg.num_layers * context_len * cfg.num_heads * cfg.dim_per_head
+  return 2 * matmul_params(cfg) + attn

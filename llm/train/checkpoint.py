@@ -1,0 +1,90 @@
+"""Orbax checkpoints of the train state and the data-iterator state.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a
+run that dies mid-save leaves the previous checkpoint intact. Restoring takes an
+abstract target whose leaves carry shardings, so a checkpoint written on one mesh
+restores onto another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from llm import config as config_lib
+from llm.config import ConfigError
+
+CONFIG_FILE = "config.json"
+
+
+def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options, item_names=("state", "data"))
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state_items: dict, data_state: dict,
+         force: bool = False) -> None:
+  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_items),
+                                         data=ocp.args.JsonSave(data_state)), force=force)
+
+
+def restore(mgr: ocp.CheckpointManager, abstract_items: dict, step: int | None = None):
+  """Returns (state_items, data_state) of `step` (default: latest), placed per the
+  shardings of `abstract_items` (a pytree of jax.ShapeDtypeStruct)."""
+  step = mgr.latest_step() if step is None else step
+  restored = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_items), data=ocp.args.JsonRestore()))
+  return restored["state"], restored["data"]
+
+
+def abstract_with_shardings(tree, shardings):
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def ensure_writable(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"--workdir {workdir} cannot be written ({e.strerror}); "
+                      "pick a directory you can write to") from None
+
+
+def write_or_check_config(workdir: str, cfg: config_lib.Config) -> None:
+  """Records the run's config; refuses to reuse a workdir made for another model.
+
+  Training fields may change between resumptions (e.g. more steps), the model may not:
+  its checkpoint would not fit.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    current = config_lib.to_dict(cfg.model)
+    diffs = [f"model.{k}: {saved['model'].get(k)!r} in workdir vs {v!r} now"
+             for k, v in current.items() if saved["model"].get(k) != v]
+    if diffs:
+      raise ConfigError(f"--workdir {workdir} holds a checkpoint of a different model "
+                        f"({'; '.join(diffs[:3])}); use a new --workdir or the same model config")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config_lib.to_json(cfg))
+  os.replace(tmp, path)
+
+
+def read_config(workdir: str) -> config_lib.Config:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise ConfigError(f"--workdir {workdir} has no {CONFIG_FILE}; train into it first "
+                      "(python -m experiments.pretrain_clm --workdir ...)")
+  with open(path) as f:
+    return config_lib.from_json(f.read())

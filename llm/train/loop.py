@@ -1,0 +1,156 @@
+"""The training loop: data -> sharded train steps -> metrics, checkpoints, samples.
+
+`run(cfg, workdir)` resumes from the latest checkpoint in `workdir` if there is one,
+continuing with the very next batch, so an interrupted run and an uninterrupted one
+produce the same losses.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm import data as data_lib
+from llm import models, parallel, scaling
+from llm.config import Config
+from llm.inference import SamplingConfig, generate
+from llm.train import checkpoint as ckpt
+from llm.train.metrics import MetricsWriter, measure_matmul_peak, plot_losses
+from llm.train.optimizer import make_optimizer, schedule
+from llm.train.state import TrainState, init_state
+from llm.train.step import eval_step, train_step
+
+log = logging.getLogger(__name__)
+
+
+def example_batch(cfg: Config, batch_size: int | None = None) -> dict:
+  shape = (batch_size or cfg.data.batch_size, cfg.data.seq_len)
+  return {"inputs": jnp.zeros(shape, jnp.int32), "targets": jnp.zeros(shape, jnp.int32),
+          "segment_ids": jnp.ones(shape, jnp.int32), "positions": jnp.zeros(shape, jnp.int32),
+          "weights": jnp.ones(shape, jnp.float32)}
+
+
+def create_state(cfg: Config, mesh):
+  """A train state whose params / optimizer state are sharded on `mesh` by logical names.
+
+  Init runs under jit with those output shardings, so no device ever holds the full
+  unsharded model (what FSDP needs at scale). Returns (state, state_shardings).
+  """
+  module = models.build(cfg.model)
+  make = functools.partial(init_state, module, models.make_forward(module),
+                           make_optimizer(cfg.train), example_batch(cfg, 1), cfg.train.seed,
+                           cfg.train.microbatches)
+  abstract_boxed = jax.eval_shape(functools.partial(make, boxed=True))
+  shardings = parallel.tree_shardings(abstract_boxed, mesh)
+  state = jax.jit(make, out_shardings=shardings)()
+  return state, shardings
+
+
+def compiled_steps(state_shardings, mesh):
+  batch_sh = parallel.batch_sharding(mesh)
+  train = jax.jit(train_step, in_shardings=(state_shardings, batch_sh),
+                  out_shardings=(state_shardings, None), donate_argnums=0)
+  evaluate = jax.jit(eval_step, in_shardings=(state_shardings, batch_sh))
+  return train, evaluate
+
+
+def evaluate_loss(eval_fn, state, batches, mesh) -> dict:
+  totals = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
+  for batch in batches:
+    sums = jax.device_get(eval_fn(state, parallel.shard_batch(batch, mesh)))
+    totals = {k: totals[k] + float(sums[k]) for k in totals}
+  denom = max(totals["weight_sum"], 1.0)
+  return {"eval_loss": totals["loss_sum"] / denom, "eval_accuracy": totals["correct_sum"] / denom}
+
+
+def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
+  """Trains to cfg.train.steps; returns the last train and eval metrics."""
+  tcfg, dcfg = cfg.train, cfg.data
+  ckpt.ensure_writable(workdir)
+  ckpt.write_or_check_config(workdir, cfg)
+  tokenizer = data_lib.get_tokenizer(dcfg, cfg.model.vocab_size, workdir)
+  train_rows = data_lib.build_dataset(dcfg, tokenizer, dcfg.train_split)
+  eval_rows = data_lib.build_dataset(dcfg, tokenizer, dcfg.eval_split)
+
+  mesh = parallel.make_mesh(cfg.parallel)
+  parallel.check_batch_divisible(dcfg.batch_size, mesh, tcfg.microbatches)
+  state, shardings = create_state(cfg, mesh)
+  mgr = ckpt.manager(workdir, tcfg.keep_checkpoints)
+  data_state = None
+  if mgr.latest_step() is not None:
+    abstract = ckpt.abstract_with_shardings(state.checkpoint_items(),
+                                            shardings.checkpoint_items())
+    items, data_state = ckpt.restore(mgr, abstract)
+    state = state.replace_items(items)
+    log.info("resumed from step %d", int(items["step"]))
+  batches = data_lib.BatchIterator(train_rows, dcfg.batch_size, dcfg.shuffle_seed,
+                                   state=data_state, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+  eval_set = data_lib.eval_batches(eval_rows, dcfg.batch_size, tcfg.eval_batches)
+  train_fn, eval_fn = compiled_steps(shardings, mesh)
+
+  writer = MetricsWriter(workdir)
+  lr_at = schedule(tcfg)
+  flops_per_token = scaling.train_flops_per_token(cfg.model, dcfg.seq_len)
+  peak = tcfg.peak_flops or measure_matmul_peak()
+  start_step = int(state.step)
+  last, timer, tokens_since = {}, time.perf_counter(), 0.0
+  bar = _progress_bar(start_step, tcfg.steps, progress)
+  for step in range(start_step + 1, tcfg.steps + 1):
+    state, metrics = train_fn(state, parallel.shard_batch(next(batches), mesh))
+    tokens_since += dcfg.batch_size * dcfg.seq_len
+    if step % tcfg.log_every == 0 or step == tcfg.steps:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      elapsed = time.perf_counter() - timer
+      tokens_per_s = tokens_since / elapsed
+      last = {"step": step, **metrics, "learning_rate": float(lr_at(step - 1)),
+              "tokens_per_s": tokens_per_s,
+              "mfu": tokens_per_s * flops_per_token / (peak * jax.device_count())}
+      writer.write(last)
+      bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
+      timer, tokens_since = time.perf_counter(), 0.0
+    if step % tcfg.eval_every == 0 or step == tcfg.steps:
+      last = {**last, "step": step, **evaluate_loss(eval_fn, state, eval_set, mesh)}
+      writer.write({"step": step, **{k: v for k, v in last.items() if k.startswith("eval")}})
+    if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+      ckpt.save(mgr, step, state.checkpoint_items(), batches.state)
+    bar.update(1)
+  bar.close()
+  mgr.wait_until_finished()
+  mgr.close()
+  plot_losses(workdir)
+  return last
+
+
+def _progress_bar(start: int, total: int, enabled: bool):
+  from tqdm.auto import tqdm
+  return tqdm(initial=start, total=total, disable=not enabled or jax.process_index() != 0,
+              desc="train", dynamic_ncols=True)
+
+
+def load(workdir: str):
+  """(Config, params, Tokenizer) of the latest checkpoint in `workdir`, on one device."""
+  cfg = ckpt.read_config(workdir)
+  mesh = parallel.make_mesh(parallel.ParallelConfig(data=1), jax.devices()[:1])
+  state, shardings = create_state(cfg, mesh)
+  mgr = ckpt.manager(workdir, cfg.train.keep_checkpoints, async_save=False)
+  if mgr.latest_step() is None:
+    raise ckpt.ConfigError(f"--workdir {workdir} has no checkpoint yet; train into it first")
+  abstract = ckpt.abstract_with_shardings(state.checkpoint_items(), shardings.checkpoint_items())
+  items, _ = ckpt.restore(mgr, abstract)
+  mgr.close()
+  tokenizer = data_lib.get_tokenizer(cfg.data, cfg.model.vocab_size, workdir)
+  return cfg, items["params"], tokenizer
+
+
+def sample_texts(cfg: Config, params, tokenizer, prompts, sampling: SamplingConfig,
+                 seed: int = 0) -> list[str]:
+  module = models.build(cfg.model)
+  ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+  outs = generate(module, params, ids, sampling, jax.random.PRNGKey(seed))
+  return [tokenizer.decode(o) for o in outs]

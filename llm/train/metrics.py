@@ -1,0 +1,77 @@
+"""Metrics: JSONL log, loss-curve plot, and the measured matmul peak used for MFU."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsWriter:
+  """Appends one JSON object per record to WORKDIR/metrics.jsonl (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.enabled = jax.process_index() == 0
+
+  def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    clean = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array, float)) else v)
+             for k, v in record.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(clean) + "\n")
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(workdir: str, out_name: str = "loss.png") -> str | None:
+  """Writes the train/eval loss curves of metrics.jsonl to a PNG; returns its path."""
+  records = read_metrics(workdir)
+  train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+  evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+  if not train and not evals:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for points, label in ((train, "train"), (evals, "eval")):
+    if points:
+      ax.plot(*zip(*points), label=label, marker="o" if label == "eval" else None)
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats/token)")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  path = os.path.join(workdir, out_name)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+  """FLOP/s of a square matmul on one device: the practical peak MFU is measured against."""
+  device = jax.devices()[0]
+  a = jax.device_put(jnp.ones((n, n), dtype), device)
+  b = jax.device_put(jnp.ones((n, n), dtype), device)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best
