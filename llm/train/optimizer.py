@@ -1,17 +1,27 @@
 """AdamW with linear warmup, cosine decay and global-norm clipping."""
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from llm.config import TrainConfig
 
 
 def schedule(tcfg: TrainConfig) -> optax.Schedule:
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=tcfg.learning_rate,
-      warmup_steps=max(tcfg.warmup_steps, 1),
-      decay_steps=max(tcfg.steps, tcfg.warmup_steps + 1),
-      end_value=tcfg.learning_rate * tcfg.min_lr_ratio)
+  """Linear warmup to the peak over warmup_steps, then cosine decay to min_lr_ratio x peak.
+
+  The first step already uses peak / warmup_steps (not 0), so no step is wasted.
+  """
+  peak, warmup = tcfg.learning_rate, max(tcfg.warmup_steps, 1)
+  decay_steps = max(tcfg.steps - warmup, 1)
+
+  def lr(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak * jnp.minimum(step + 1.0, warmup) / warmup
+    frac = jnp.clip((step + 1.0 - warmup) / decay_steps, 0.0, 1.0)
+    cosine = peak * (tcfg.min_lr_ratio + (1 - tcfg.min_lr_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * frac)))
+    return jnp.where(step + 1.0 < warmup, warm, cosine)
+  return lr
 
 
 def _decay_mask(params):

@@ -1,0 +1,100 @@
+"""Hugging Face `transformers` checkpoints <-> (ModelConfig, params), one file per family.
+
+  cfg, params = from_transformers(hf_model_or_dir, scan_layers=True)
+  hf_model = to_transformers(cfg, params)          # torch, float32, eval mode
+  save_pretrained(cfg, params, out_dir)            # config.json + model.safetensors
+  cfg, params = load_pretrained(out_dir)           # safetensors read directly, no torch
+
+Params come back as plain nested dicts of float32 numpy arrays (the tree
+`nn.unbox(module.init(...))["params"]` has), left on the host so callers can shard them
+onto a mesh without first landing everything on one device. Anything the other side
+cannot express raises a ConversionError (a ValueError) naming the field, rather than
+producing a model whose logits silently differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from llm.config import ModelConfig
+from llm.convert import gpt2, llama
+from llm.convert.common import (ConversionError, numpy_state_to_torch, params_to_numpy,
+                                read_safetensors_dir, require, torch_state_to_numpy)
+
+# model_type -> family module; add BERT, T5, BART, BLOOM, Mixtral here as files appear.
+FAMILIES = {gpt2.MODEL_TYPE: gpt2, llama.MODEL_TYPE: llama}
+
+__all__ = ["ConversionError", "FAMILIES", "from_transformers", "load_pretrained",
+           "save_pretrained", "to_transformers"]
+
+
+def _family(model_type: str):
+  require(model_type in FAMILIES, f"model_type={model_type!r} is not supported; supported "
+          f"model types: {', '.join(FAMILIES)}")
+  return FAMILIES[model_type]
+
+
+def from_transformers(model_or_dir: Any, scan_layers: bool = True):
+  """(ModelConfig, params) from a transformers model object or a saved directory."""
+  if isinstance(model_or_dir, (str, os.PathLike)):
+    return load_pretrained(model_or_dir, scan_layers=scan_layers)
+  hf_config = model_or_dir.config
+  family = _family(hf_config.model_type)
+  cfg = family.config_from_hf(hf_config, scan_layers)  # config errors before touching weights
+  return cfg, family.params_from_hf(torch_state_to_numpy(model_or_dir.state_dict()), cfg)
+
+
+def load_pretrained(directory: str | os.PathLike, scan_layers: bool = True):
+  """from_transformers for a local directory; safetensors are read without torch."""
+  directory = os.fspath(directory)
+  with open(os.path.join(directory, "config.json")) as f:
+    family = _family(json.load(f).get("model_type"))
+  from transformers import AutoConfig
+  # config.json stores only non-default fields, so the config class fills in the rest.
+  hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
+  cfg = family.config_from_hf(hf_config, scan_layers)
+  state = read_safetensors_dir(directory)
+  if state is None:  # a pytorch_model.bin-only checkpoint: let transformers read it
+    model = family.model_class().from_pretrained(directory, local_files_only=True)
+    state = torch_state_to_numpy(model.state_dict())
+  return cfg, family.params_from_hf(state, cfg)
+
+
+def _pick_family(cfg: ModelConfig, model_type: str | None):
+  require(cfg.family == "decoder",
+          f"config.model.family={cfg.family!r}: only decoders convert to transformers so far")
+  if model_type is not None:
+    family = _family(model_type)
+    problems = family.hf_problems(cfg)
+    require(not problems, f"{model_type} cannot express config.model: {'; '.join(problems)}")
+    return family
+  reasons = {}
+  for name, family in FAMILIES.items():
+    reasons[name] = family.hf_problems(cfg)
+    if not reasons[name]:
+      return family
+  raise ConversionError("no transformers family expresses config.model: " + " | ".join(
+      f"{name}: {'; '.join(why)}" for name, why in reasons.items()))
+
+
+def to_transformers(cfg: ModelConfig, params: Any, model_type: str | None = None):
+  """A float32 torch transformers model in eval mode holding `params`.
+
+  The family is the first in FAMILIES that can express `cfg`, or `model_type` if given.
+  """
+  family = _pick_family(cfg, model_type)
+  state = family.state_to_hf(cfg, params_to_numpy(params))
+  model = family.model_class()(family.config_to_hf(cfg))
+  # strict: a missing or extra tensor would leave HF's random init in place unnoticed.
+  model.load_state_dict(numpy_state_to_torch(state), strict=True)
+  return model.float().eval()
+
+
+def save_pretrained(cfg: ModelConfig, params: Any, out_dir: str | os.PathLike,
+                    model_type: str | None = None) -> str:
+  """Writes a transformers checkpoint (config.json + model.safetensors) to `out_dir`."""
+  out_dir = os.fspath(out_dir)
+  to_transformers(cfg, params, model_type).save_pretrained(out_dir)
+  return out_dir
