@@ -98,33 +98,54 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   lr_at = schedule(tcfg)
   flops_per_token = scaling.train_flops_per_token(cfg.model, dcfg.seq_len)
   peak = tcfg.peak_flops or measure_matmul_peak()
-  start_step = int(state.step)
-  last, timer, tokens_since = {}, time.perf_counter(), 0.0
+  start_step, last = int(state.step), {}
+  clock = {"start": time.perf_counter(), "steps": 0}
   bar = _progress_bar(start_step, tcfg.steps, progress)
-  for step in range(start_step + 1, tcfg.steps + 1):
-    state, metrics = train_fn(state, parallel.shard_batch(next(batches), mesh))
-    tokens_since += dcfg.batch_size * dcfg.seq_len
-    if step % tcfg.log_every == 0 or step == tcfg.steps:
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      elapsed = time.perf_counter() - timer
-      tokens_per_s = tokens_since / elapsed
-      last = {"step": step, **metrics, "learning_rate": float(lr_at(step - 1)),
-              "tokens_per_s": tokens_per_s,
-              "mfu": tokens_per_s * flops_per_token / (peak * jax.device_count())}
-      writer.write(last)
-      bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", tok_s=f"{tokens_per_s:.0f}")
-      timer, tokens_since = time.perf_counter(), 0.0
-    if step % tcfg.eval_every == 0 or step == tcfg.steps:
-      last = {**last, "step": step, **evaluate_loss(eval_fn, state, eval_set, mesh)}
-      writer.write({"step": step, **{k: v for k, v in last.items() if k.startswith("eval")}})
-    if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
-      ckpt.save(mgr, step, state.checkpoint_items(), batches.state)
-    bar.update(1)
-  bar.close()
-  mgr.wait_until_finished()
-  mgr.close()
+  try:
+    for step in range(start_step + 1, tcfg.steps + 1):
+      state, last = _train_one(step, state, last, batches, train_fn, eval_fn, eval_set, mesh,
+                               mgr, writer, lr_at, flops_per_token * dcfg.batch_size * dcfg.seq_len
+                               / (peak * jax.device_count()), cfg, clock)
+      bar.update(1)
+      if "train_loss" in last:
+        bar.set_postfix(loss=f"{last['train_loss']:.3f}")
+  finally:  # a failing run still completes its in-flight save: the last checkpoint is whole
+    bar.close()
+    mgr.wait_until_finished()
+    mgr.close()
   plot_losses(workdir)
   return last
+
+
+def _train_one(step, state, last, batches, train_fn, eval_fn, eval_set, mesh, mgr, writer,
+               lr_at, flops_per_step_per_peak, cfg, clock):
+  """One step, plus logging / eval / checkpointing when they fall due.
+
+  Steps are dispatched asynchronously, so speed is measured over the window of steps
+  since the last log (`clock`), ending when this step's metrics arrive on the host.
+  """
+  tcfg = cfg.train
+  state, metrics = train_fn(state, parallel.shard_batch(next(batches), mesh))
+  clock["steps"] += 1
+  if step % tcfg.log_every == 0 or step == tcfg.steps:
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+    now = time.perf_counter()
+    seconds = (now - clock["start"]) / clock["steps"]
+    clock.update(start=now, steps=0)
+    last = {"step": step, **metrics, "learning_rate": float(lr_at(step - 1)),
+            "step_seconds": seconds,
+            "tokens_per_s": cfg.data.batch_size * cfg.data.seq_len / seconds,
+            "mfu": flops_per_step_per_peak / seconds}
+    writer.write(last)
+  if step % tcfg.eval_every == 0 or step == tcfg.steps:
+    evals = evaluate_loss(eval_fn, state, eval_set, mesh)
+    last = {**last, "step": step, **evals}
+    writer.write({"step": step, **evals})
+  if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+    ckpt.save(mgr, step, state.checkpoint_items(), batches.state)
+  if clock["steps"] == 0 or step % tcfg.eval_every == 0 or step % tcfg.checkpoint_every == 0:
+    clock.update(start=time.perf_counter(), steps=0)  # eval / save time is not step time
+  return state, last
 
 
 def _progress_bar(start: int, total: int, enabled: bool):

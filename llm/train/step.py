@@ -57,7 +57,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
   params = optax.apply_updates(state.params, updates)
   metrics = {"train_loss": sums["loss_sum"] / denom,
              "train_accuracy": sums["correct_sum"] / denom,
-             "grad_norm": optax.global_norm(grads),
+             "grad_norm": optax.tree.norm(grads),
              "tokens": sums["weight_sum"]}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
   return new_state, metrics

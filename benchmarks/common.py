@@ -1,0 +1,94 @@
+"""Shared pieces of the speed benchmarks: the model both sides run, timing, JSON out.
+
+Every benchmark prints exactly one JSON object on stdout; anything a library prints
+while it runs is sent to stderr (see `json_stdout`) so the output stays parseable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+# Run as `python benchmarks/x.py` or `python -m benchmarks.x` from the repo root alike.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)
+
+log = logging.getLogger("benchmarks")
+
+# GPT-2 style: learned positions, LayerNorm, tanh GELU, biases, tied LM head, float32.
+MODEL = dict(family="decoder", vocab_size=8192, d_model=384, num_layers=6, num_heads=6,
+             d_ff=1536, max_len=256, positions="learned", norm="layernorm",
+             activation="gelu", use_bias=True, tie_embeddings=True, dropout=0.0,
+             dtype="float32", param_dtype="float32")
+
+
+def cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def hf_gpt2(model: dict = MODEL):
+  """The peer: transformers' GPT-2 with the same sizes and dropout off."""
+  from transformers import GPT2Config, GPT2LMHeadModel
+  config = GPT2Config(n_layer=model["num_layers"], n_embd=model["d_model"],
+                      n_head=model["num_heads"], n_inner=model["d_ff"],
+                      vocab_size=model["vocab_size"], n_positions=model["max_len"],
+                      attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                      # in-vocabulary ids (the 50256 default is outside 8192)
+                      bos_token_id=model["vocab_size"] - 1,
+                      eos_token_id=model["vocab_size"] - 1)
+  return GPT2LMHeadModel(config)
+
+
+def peer_thread_counts(spec: str) -> list[int]:
+  """Parses --peer_threads ("cores,1"): torch intra-op thread counts to try.
+
+  With 2 cores and any other busy process, torch's OpenMP workers wait a scheduler
+  slice (~4 ms) at every op barrier (measured: a 1x384x1152 addmm takes 4.3 ms at 2
+  threads vs 0.1 ms at 1), so the peer is also timed single-threaded and its best counts.
+  """
+  counts = [cores() if part == "cores" else int(part) for part in spec.split(",")]
+  return list(dict.fromkeys(counts))
+
+
+def with_threads(fn: Callable[[], object], threads: int) -> Callable[[], object]:
+  import torch
+
+  def call():
+    torch.set_num_threads(threads)
+    return fn()
+  return call
+
+
+def time_calls(fn: Callable[[], object], calls: int) -> float:
+  """Seconds for `calls` back-to-back calls; `fn` must block until its work is done."""
+  start = time.perf_counter()
+  for _ in range(calls):
+    fn()
+  return time.perf_counter() - start
+
+
+def best_and_median(times: list[float]) -> dict:
+  return {"best_s": min(times), "median_s": statistics.median(times), "runs": len(times)}
+
+
+def setup_logging():
+  logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                      format="%(asctime)s %(name)s: %(message)s")
+
+
+@contextlib.contextmanager
+def json_stdout():
+  """Yields a dict to fill; prints it as the only line on the real stdout at exit."""
+  result: dict = {}
+  real_stdout = sys.stdout
+  with contextlib.redirect_stdout(sys.stderr):
+    yield result
+  real_stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
+  real_stdout.flush()

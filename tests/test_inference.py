@@ -1,0 +1,101 @@
+"""Sampling filters and generation: properties that hold for any logits."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm.config import ConfigError
+from llm.inference import SamplingConfig, generate, sample, top_k_filter, top_p_filter
+from tests.helpers import LLAMA_TINY, GPT_TINY, model_and_params
+
+LOGITS = jax.random.normal(jax.random.PRNGKey(0), (4, 50)) * 3
+
+
+def _draws(cfg, n=400):
+  keys = jax.random.split(jax.random.PRNGKey(1), n)
+  return np.asarray(jax.vmap(lambda k: sample(k, LOGITS, cfg))(keys))  # (n, B)
+
+
+def test_top_k_never_emits_outside_the_k_most_likely():
+  draws = _draws(SamplingConfig(temperature=1.5, top_k=5))
+  top5 = np.argsort(-np.asarray(LOGITS), axis=-1)[:, :5]
+  for row in range(LOGITS.shape[0]):
+    assert set(draws[:, row]) <= set(top5[row])
+    assert len(set(draws[:, row])) > 1  # still random within the k
+
+
+def test_top_p_never_emits_outside_the_nucleus():
+  p = 0.6
+  draws = _draws(SamplingConfig(temperature=1.0, top_p=p))
+  probs = np.asarray(jax.nn.softmax(LOGITS, -1))
+  for row in range(LOGITS.shape[0]):
+    order = np.argsort(-probs[row])
+    mass_before = np.cumsum(probs[row][order]) - probs[row][order]
+    nucleus = set(order[mass_before < p])
+    assert set(draws[:, row]) <= nucleus
+
+
+def test_filters_keep_exactly_the_expected_sets():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  kept = np.asarray(top_p_filter(logits, 0.7))[0] > -1e29
+  np.testing.assert_array_equal(kept, [True, True, False, False])
+  kept = np.asarray(top_k_filter(logits, 3))[0] > -1e29
+  np.testing.assert_array_equal(kept, [True, True, True, False])
+
+
+def test_temperature_zero_is_greedy_and_low_temperature_approaches_it():
+  greedy = np.asarray(sample(jax.random.PRNGKey(0), LOGITS, SamplingConfig(temperature=0)))
+  np.testing.assert_array_equal(greedy, np.argmax(np.asarray(LOGITS), -1))
+  cold = _draws(SamplingConfig(temperature=1e-4), n=20)
+  assert (cold == greedy[None]).all()
+
+
+@pytest.mark.parametrize("bad, field", [(dict(max_new_tokens=0), "max_new_tokens"),
+                                        (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+                                        (dict(top_k=-1), "top_k"),
+                                        (dict(temperature=-0.1), "temperature")])
+def test_bad_sampling_settings_name_the_field(bad, field):
+  with pytest.raises(ConfigError, match=field):
+    SamplingConfig(**bad)
+
+
+def _greedy_reference(module, params, prompt, n):
+  seq = list(prompt)
+  for _ in range(n):
+    seq.append(int(np.argmax(module.apply({"params": params}, np.array([seq]))[0, -1])))
+  return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("config", [GPT_TINY, LLAMA_TINY])
+def test_batched_prompts_of_different_lengths_match_one_at_a_time(config):
+  module, params = model_and_params(**config)
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [3]]
+  out = generate(module.module, params, prompts, SamplingConfig(temperature=0, max_new_tokens=6),
+                 jax.random.PRNGKey(0))
+  for prompt, got in zip(prompts, out):
+    assert got == _greedy_reference(module, params, prompt, 6)
+
+
+def test_same_seed_same_output_and_eos_stops_each_row():
+  module, params = model_and_params(**LLAMA_TINY)
+  prompts = [[5, 6, 7], [9, 10]]
+  cfg = SamplingConfig(temperature=1.0, top_k=20, max_new_tokens=12)
+  a = generate(module.module, params, prompts, cfg, jax.random.PRNGKey(3))
+  b = generate(module.module, params, prompts, cfg, jax.random.PRNGKey(3))
+  c = generate(module.module, params, prompts, cfg, jax.random.PRNGKey(4))
+  assert a == b and a != c
+  eos = a[0][2]  # pretend the third sampled token of row 0 is EOS
+  stopped = generate(module.module, params, prompts, SamplingConfig(**{**cfg.__dict__,
+                                                                       "eos_id": eos}),
+                     jax.random.PRNGKey(3))
+  assert stopped[0] == a[0][:a[0].index(eos) + 1]
+  for row in stopped:
+    assert eos not in row[:-1] and len(row) <= 12
+
+
+def test_prompt_longer_than_context_window_is_rejected():
+  module, params = model_and_params(**GPT_TINY)
+  with pytest.raises(ConfigError, match="context window"):
+    generate(module.module, params, [[1] * 30], SamplingConfig(max_new_tokens=8),
+             jax.random.PRNGKey(0))
