@@ -11,6 +11,8 @@ RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head).
 
 import ml_collections
 
+from llm.config import default_configdict
+
 _GPT2_STYLE = dict(positions="learned", norm="layernorm", norm_eps=1e-5, activation="gelu",
                    use_bias=True, tie_embeddings=True)
 _LLAMA_STYLE = dict(positions="rope", norm="rmsnorm", norm_eps=1e-6, activation="swiglu",
@@ -30,16 +32,14 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
   if size not in SIZES:
     raise ValueError(f"configs/gpt.py:{size}: unknown size; choose one of {', '.join(SIZES)}")
   d_model, layers, heads, kv_heads, d_ff, vocab, max_len, style = SIZES[size]
-  cfg = ml_collections.ConfigDict()
-  cfg.model = dict(family="decoder", vocab_size=vocab, d_model=d_model, num_layers=layers,
-                   num_heads=heads, num_kv_heads=kv_heads, d_ff=d_ff, max_len=max_len,
-                   dtype="float32", param_dtype="float32", scan_layers=True, remat="none",
-                   dropout=0.0, **style)
-  cfg.data = dict(source="embedded", seq_len=min(max_len, 128 if size == "tiny" else 256),
-                  batch_size=16 if size == "tiny" else 32, shuffle_seed=0)
-  cfg.train = dict(steps=600 if size == "tiny" else 5000, learning_rate=3e-3 if size == "tiny"
-                   else 6e-4, warmup_steps=40 if size == "tiny" else 500, weight_decay=0.1,
-                   grad_clip=1.0, microbatches=1, seed=0, log_every=20, eval_every=200,
-                   eval_batches=8, checkpoint_every=200, keep_checkpoints=3)
-  cfg.parallel = dict(data=-1, fsdp=1, tensor=1)
-  return ml_collections.ConfigDict(cfg)
+  cfg = default_configdict()
+  cfg.model.update(dict(family="decoder", vocab_size=vocab, d_model=d_model, num_layers=layers,
+                        num_heads=heads, num_kv_heads=kv_heads, d_ff=d_ff, max_len=max_len,
+                        **style))
+  tiny = size == "tiny"
+  cfg.data.update(dict(source="embedded", seq_len=min(max_len, 128 if tiny else 256),
+                       batch_size=16 if tiny else 32))
+  cfg.train.update(dict(steps=600 if tiny else 5000, learning_rate=3e-3 if tiny else 6e-4,
+                        warmup_steps=40 if tiny else 500, log_every=20, eval_every=200,
+                        eval_batches=8, checkpoint_every=200))
+  return cfg

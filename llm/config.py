@@ -225,3 +225,20 @@ def to_json(cfg) -> str:
 
 def from_json(text: str) -> Config:
   return from_configdict(json.loads(text))
+
+
+def default_configdict():
+  """A ConfigDict holding every field at its default, so that experiment files set only
+  what differs and `--config.section.field=value` can override any field."""
+  import ml_collections
+  from ml_collections.config_dict import placeholder
+
+  cd = ml_collections.ConfigDict()
+  for section, cls in _SECTIONS.items():
+    group = ml_collections.ConfigDict()
+    for f in dataclasses.fields(cls):
+      value = getattr(cls(), f.name)
+      # None-valued fields need a typed placeholder to be overridable from flags.
+      group[f.name] = placeholder(str if "str" in f.type else int) if value is None else value
+    cd[section] = group
+  return cd

@@ -1,0 +1,59 @@
+"""2-step smoke runs of the entry points, as a user would type them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.model.d_model=32", "--config.model.num_layers=1", "--config.model.d_ff=64",
+        "--config.model.vocab_size=512", "--config.data.seq_len=32",
+        "--config.data.batch_size=4", "--config.data.max_documents=200",
+        "--config.data.num_sentinels=8", "--config.train.peak_flops=1e9",
+        "--config.train.num_samples=1", "--config.train.sample_tokens=4"]
+
+
+def _run(module, *args, cache):
+  env = {**os.environ, "LLM_CACHE": cache, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("clm"))
+  cache = str(tmp_path_factory.mktemp("cache"))
+  result = _run("experiments.pretrain_clm", "--config", "configs/gpt.py:tiny", "--workdir",
+                workdir, "--config.train.steps=2", *TINY, cache=cache)
+  return workdir, cache, result
+
+
+def test_pretrain_clm_two_steps(trained):
+  workdir, _, result = trained
+  assert result.returncode == 0, result.stderr[-2000:]
+  summary = json.loads(next(l for l in result.stdout.splitlines() if l.startswith("{")))
+  assert summary["step"] == 2 and summary["eval_loss"] > 0
+  assert summary["eval_unigram_entropy"] > 0
+  assert "---" in result.stdout  # a sample was printed
+
+
+def test_generate_from_the_workdir(trained):
+  workdir, cache, _ = trained
+  result = _run("experiments.generate", "--workdir", workdir, "--prompt", "The",
+                "--prompt", "Return", "--max_new_tokens", "4", "--temperature", "0",
+                cache=cache)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[0].startswith("The") and any(l.startswith("Return") for l in lines)
+
+
+def test_bad_flags_fail_with_one_line(trained):
+  workdir, cache, _ = trained
+  result = _run("experiments.generate", "--workdir", workdir, "--top_p", "1.5", cache=cache)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith("error: top_p=1.5")
+  result = _run("experiments.pretrain_clm", "--workdir", workdir, "--config.model.foo=1",
+                cache=cache)
+  assert result.returncode != 0 and "foo" in result.stderr
