@@ -79,8 +79,12 @@ def best_and_median(times: list[float]) -> dict:
 
 
 def setup_logging():
-  logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                      format="%(asctime)s %(name)s: %(message)s")
+  # Our own handler: jax/orbax may already have configured the root logger.
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+  log.addHandler(handler)
+  log.setLevel(logging.INFO)
+  log.propagate = False
 
 
 @contextlib.contextmanager

@@ -30,8 +30,8 @@ from llm.train.metrics import measure_matmul_peak
 
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
-  p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, caches)")
+  p.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile, caches)")
   p.add_argument("--repeats", type=int, default=3, help="alternating timed repeats per side")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=256)

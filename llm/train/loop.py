@@ -174,4 +174,6 @@ def sample_texts(cfg: Config, params, tokenizer, prompts, sampling: SamplingConf
   module = models.build(cfg.model)
   ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
   outs = generate(module, params, ids, sampling, jax.random.PRNGKey(seed))
-  return [tokenizer.decode(o) for o in outs]
+  # Decode prompt and continuation together: sentencepiece drops a leading space when a
+  # continuation is decoded on its own.
+  return [tokenizer.decode(i + o)[len(tokenizer.decode(i)):] for i, o in zip(ids, outs)]
