@@ -12,6 +12,7 @@ read bandwidth (measured here) / bytes read per token (params + the KV cache so 
 from __future__ import annotations
 
 import argparse
+import os
 
 from common import (best_and_median, cores, hf_gpt2, json_stdout, log, peer_thread_counts,
                     setup_logging, time_calls, with_threads)
@@ -158,7 +159,7 @@ def main():
                                 if a != b), None),
         "targets": {"speedup>=3": ours_tps / peer_tps >= 3,
                     "fraction_of_bound>=0.7": ours_tps / bound >= 0.7},
-        "jax_version": jax.__version__, "torch_version": torch.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__, "torch_version": torch.__version__,
         "transformers_version": __import__("transformers").__version__,
         "cores": cores(),
     })

@@ -8,11 +8,16 @@ jitted, state-donating `train_step` from `compiled_steps`, on a 1-device mesh. T
 runs GPT2LMHeadModel with torch.optim.AdamW + clip_grad_norm_ on the same token batch.
 The two sides alternate, `--repeats` times, so a noisy neighbour hurts both alike; the
 best repeat counts. MFU divides our model FLOP/s by a float32 matmul peak measured here.
+
+On a shared 2-core machine our side is often faster single-threaded too (2.50 vs 3.86 s
+per step measured under load); XLA's threads are fixed at import, so compare with
+  XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" python ...
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 
 from common import (MODEL, best_and_median, cores, hf_gpt2, json_stdout, log,
@@ -155,7 +160,7 @@ def main():
         "targets": {"speedup>=1.5": ours_tps / peer_tps >= 1.5,
                     "mfu>=0.6": ours_tps * flops_per_token / peak >= 0.6},
         "peer_attn_implementation": getattr(peer_model.config, "_attn_implementation", None),
-        "jax_version": jax.__version__, "torch_version": torch.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__, "torch_version": torch.__version__,
         "transformers_version": __import__("transformers").__version__,
         "cpu": platform.processor() or platform.machine(), "cores": cores(),
         "jax_devices": str(jax.devices()),
