@@ -20,6 +20,19 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Mixture-of-experts MLP, used in every `every`-th layer when num_experts > 0."""
+
+  num_experts: int = 0  # 0 = dense model
+  top_k: int = 2  # 1 = Switch, 2 = Mixtral
+  every: int = 1  # layer i is MoE when (i + 1) % every == 0
+  capacity_factor: float = 1.25  # slots per expert = capacity_factor * tokens * top_k / E
+  aux_loss_weight: float = 0.01  # load balancing (Switch / GShard)
+  z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
+  renormalize: bool = True  # top-k gate weights sum to 1 (Mixtral); False keeps softmax probs
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """One config for all model families (decoder now; encoder/enc-dec/MoE extend it)."""
 
@@ -32,7 +45,7 @@ class ModelConfig:
   head_dim: int = 0  # 0 -> d_model // num_heads
   d_ff: int = 512
   max_len: int = 256  # context window (learned-position table size)
-  positions: str = "learned"  # learned | rope | none
+  positions: str = "learned"  # learned | rope | relative (T5 bias) | alibi (BLOOM) | none
   rope_theta: float = 10000.0
   norm: str = "layernorm"  # layernorm | rmsnorm
   norm_eps: float = 1e-5
@@ -45,6 +58,16 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: str = "none"  # none | full | dots (save matmul outputs, recompute the rest)
+  # Encoder / encoder-decoder families (BERT, RoBERTa, T5, BART).
+  num_decoder_layers: int = 0  # encoder_decoder: decoder depth (0 -> num_layers)
+  post_norm: bool = False  # BERT / BART: normalize after each residual add
+  embed_norm: bool = False  # BERT / BART: LayerNorm on the summed embeddings
+  type_vocab_size: int = 0  # BERT token-type (segment A/B) embeddings; 0 = none
+  position_offset: int = 0  # RoBERTa / BART learned positions start at this table row
+  scale_attention: bool = True  # False for T5 (the 1/sqrt(H) is folded into its init)
+  relative_buckets: int = 32  # T5 relative-position bias buckets
+  relative_max_distance: int = 128
+  moe: MoEConfig = MoEConfig()
 
   @property
   def kv_heads(self) -> int:
@@ -109,11 +132,12 @@ class Config:
   parallel: ParallelConfig = ParallelConfig()
 
 
+_NESTED = {"MoEConfig": MoEConfig}
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
              "parallel": ParallelConfig}
 _CHOICES = {
     "model.family": ("decoder", "encoder", "encoder_decoder"),
-    "model.positions": ("learned", "rope", "none"),
+    "model.positions": ("learned", "rope", "relative", "alibi", "none"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.activation": ("gelu", "gelu_exact", "relu", "swiglu", "geglu"),
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -153,6 +177,15 @@ def _build(cls, section: str, values: Mapping[str, Any]):
     if key not in fields:
       raise ConfigError(f"config.{section}.{key}: unknown field; valid fields: "
                         f"{', '.join(sorted(fields))}")
+    nested = _NESTED.get(fields[key].type)
+    if nested is not None:
+      if isinstance(value, nested):
+        kwargs[key] = value
+        continue
+      if not isinstance(value, Mapping):
+        raise ConfigError(f"config.{section}.{key}: expected a group of fields, got {value!r}")
+      kwargs[key] = _build(nested, f"{section}.{key}", value)
+      continue
     kwargs[key] = _check_type(f"{section}.{key}", value, fields[key].type)
     choices = _CHOICES.get(f"{section}.{key}")
     if choices and kwargs[key] not in choices:
@@ -176,6 +209,13 @@ def validate_model(m: ModelConfig) -> ModelConfig:
   _require(not (m.positions == "rope" and m.dim_per_head % 2),
            f"config.model.head_dim={m.dim_per_head}: RoPE needs an even head dim")
   _require(0.0 <= m.dropout < 1.0, f"config.model.dropout={m.dropout}: must be in [0, 1)")
+  e = m.moe
+  if e.num_experts:
+    _require(1 <= e.top_k <= e.num_experts,
+             f"config.model.moe.top_k={e.top_k}: must be in [1, num_experts={e.num_experts}]")
+    _require(e.capacity_factor > 0,
+             f"config.model.moe.capacity_factor={e.capacity_factor}: must be > 0")
+    _require(e.every >= 1, f"config.model.moe.every={e.every}: must be >= 1")
   return m
 
 
@@ -233,12 +273,19 @@ def default_configdict():
   import ml_collections
   from ml_collections.config_dict import placeholder
 
-  cd = ml_collections.ConfigDict()
-  for section, cls in _SECTIONS.items():
+  def group_of(cls):
     group = ml_collections.ConfigDict()
     for f in dataclasses.fields(cls):
       value = getattr(cls(), f.name)
-      # None-valued fields need a typed placeholder to be overridable from flags.
-      group[f.name] = placeholder(str if "str" in f.type else int) if value is None else value
-    cd[section] = group
+      if dataclasses.is_dataclass(value):
+        group[f.name] = group_of(type(value))
+      elif value is None:  # a typed placeholder keeps the field overridable from flags
+        group[f.name] = placeholder(str if "str" in f.type else int)
+      else:
+        group[f.name] = value
+    return group
+
+  cd = ml_collections.ConfigDict()
+  for section, cls in _SECTIONS.items():
+    cd[section] = group_of(cls)
   return cd
