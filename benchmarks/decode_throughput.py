@@ -159,7 +159,8 @@ def main():
                                 if a != b), None),
         "targets": {"speedup>=3": ours_tps / peer_tps >= 3,
                     "fraction_of_bound>=0.7": ours_tps / bound >= 0.7},
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__, "torch_version": torch.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax_version": jax.__version__, "torch_version": torch.__version__,
         "transformers_version": __import__("transformers").__version__,
         "cores": cores(),
     })

@@ -25,13 +25,24 @@ def causal_segment_mask(segment_ids_BT: jax.Array) -> jax.Array:
   return causal_TS[None] & same_BTS
 
 
-def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None):
-  """Softmax(q k^T / sqrt(H) + bias) v with grouped kv heads; softmax in float32."""
+def segment_mask(segment_ids_BT: jax.Array) -> jax.Array:
+  """mask_BTS for bidirectional attention: same segment, and never to padding (id 0)."""
+  same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  return same_BTS & (segment_ids_BT[:, None, :] != 0)
+
+
+def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None, scale=True):
+  """Softmax(q k^T / sqrt(H) + bias) v with grouped kv heads; softmax in float32.
+
+  `scale=False` is T5's convention (the 1/sqrt(H) is folded into the query init).
+  """
   b, t, n, h = q_BTNH.shape
   k = k_BSKH.shape[2]
   q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
   logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
-                            preferred_element_type=jnp.float32) * (h ** -0.5)
+                            preferred_element_type=jnp.float32)
+  if scale:
+    logits_BKGTS = logits_BKGTS * (h ** -0.5)
   if bias_BNTS is not None:
     logits_BKGTS = logits_BKGTS + bias_BNTS.reshape(b, k, n // k, t, -1)
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _NEG_INF)
@@ -52,7 +63,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, decode: bool = False,
-               deterministic: bool = True):
+               deterministic: bool = True, causal: bool = True, bias_BNTS=None):
     cfg = self.cfg
     n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
     proj = lambda features, axes, name, in_dims=1: Linear(
@@ -72,9 +83,10 @@ class Attention(nn.Module):
       if decode:  # first call (cache init): allocate for this many slots
         self._cache_vars(x_BTD.shape[0], x_BTD.shape[1], k, h)
       k_BSKH, v_BSKH = k_BTKH, v_BTKH
-      mask_BTS = causal_segment_mask(segment_ids_BT)
+      mask_BTS = (causal_segment_mask if causal else segment_mask)(segment_ids_BT)
 
-    out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS,
+                                     cfg.scale_attention)
     out_BTNH = nn.Dropout(cfg.dropout)(out_BTNH, deterministic=deterministic)
     return proj((cfg.d_model,), ("heads", "head_dim", "embed"), "out", in_dims=2)(out_BTNH)
 

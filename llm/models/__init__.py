@@ -6,13 +6,16 @@ import flax.linen as nn
 
 from llm.config import ModelConfig
 from llm.models.decoder import Decoder
+from llm.models.encoder import Encoder, mean_pool
 
 
-def build(cfg: ModelConfig) -> nn.Module:
+def build(cfg: ModelConfig, num_labels: int = 0) -> nn.Module:
   if cfg.family == "decoder":
     return Decoder(cfg)
+  if cfg.family == "encoder":
+    return Encoder(cfg, num_labels=num_labels)
   raise NotImplementedError(
-      f"config.model.family={cfg.family!r} is not built yet; use 'decoder'")
+      f"config.model.family={cfg.family!r} is not built yet; use 'decoder' or 'encoder'")
 
 
 def make_forward(module: nn.Module):

@@ -1,0 +1,220 @@
+"""Mixture-of-experts MLP: top-k token-choice router, capacity-limited experts, aux losses.
+
+Einsum letters: B batch, T length, D model, F ffn, E experts, C capacity (slots per expert
+per group), K top-k choices, G tokens of one routing group.
+
+Routing groups are batch rows (G = T). Dispatch tensors are (G, E, C) with C ~ G k / E, so
+their size grows with the square of the group: one row keeps that to B T^2 k cf instead
+of (B T)^2 k cf for one group of the whole batch; rows are already sharded over data x fsdp,
+so routing (a cumsum over the group) never crosses devices; and which tokens are dropped
+depends on the row alone, not on the batch size, micro-batching or the mesh.
+
+Stats leave the layer through the "moe_stats" collection (see `MoE` and
+`collect_moe_stats`) rather than "intermediates", so a train step can ask for exactly the
+aux losses without also collecting whatever debugging values other layers sow.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm.config import ModelConfig
+from llm.layers.common import dtype_of
+from llm.layers.linear import Linear, logical_init
+from llm.layers.mlp import _ACTIVATIONS, GATED
+
+STATS = "moe_stats"  # the collection MoE layers sow into
+
+
+# ----------------------------------------------------------------------------- routing
+
+
+def router_probs(logits_GE: jax.Array) -> jax.Array:
+  """Softmax over experts, in float32: bf16 probabilities round nearby experts together."""
+  return jax.nn.softmax(logits_GE.astype(jnp.float32), axis=-1)
+
+
+def expert_capacity(tokens_per_group: int, num_experts: int, top_k: int,
+                    capacity_factor: float) -> int:
+  """Slots per expert: ceil(capacity_factor * G * k / E), clipped to [1, G].
+
+  A token's k choices are distinct experts, so no expert is ever asked for more than G
+  slots; the upper clip spends no memory on slots that cannot fill (and makes one-token
+  decoding steps drop nothing).
+  """
+  slots = math.ceil(capacity_factor * tokens_per_group * top_k / num_experts)
+  return max(1, min(tokens_per_group, slots))
+
+
+def top_k_routing(probs_GE: jax.Array, k: int, capacity: int, renormalize: bool = True):
+  """Token-choice top-k routing with a per-expert capacity (GShard / Switch).
+
+  Choices claim slots rank by rank: every token's first choice is placed before any
+  token's second choice (within a rank, in token order), so when an expert overflows it
+  is the less preferred choices that are dropped. A dropped choice contributes nothing;
+  the token's other choices (and the residual around the layer) still carry it.
+
+  Returns:
+    dispatch_GEC: bool, token g fills slot c of expert e.
+    combine_GEC: float32, the gate weight of that (token, expert, slot); zero if dropped.
+      Gates are the router probabilities, renormalized over the top k when `renormalize`
+      (Mixtral). With k = 1 that makes every gate 1, so the router learns only from the
+      aux losses; Switch keeps the raw probability (renormalize=False).
+    stats: expert_mask (G, E) multi-hot of the chosen experts before capacity (for the
+      load-balancing loss), dropped_fraction (of the G k choices) and expert_load (E,),
+      the fraction of choices that went to each expert (sums to 1).
+  """
+  num_tokens, num_experts = probs_GE.shape
+  gates_GK, experts_GK = jax.lax.top_k(probs_GE, k)
+  if renormalize:
+    gates_GK = gates_GK / jnp.sum(gates_GK, axis=-1, keepdims=True)
+  # Rank-major order (K before G) is what makes first choices win the slots.
+  choice_KGE = jax.nn.one_hot(experts_GK.T, num_experts, dtype=jnp.int32)
+  claimed_KGE = jnp.cumsum(choice_KGE.reshape(k * num_tokens, num_experts), axis=0)
+  slot_KG = jnp.sum((claimed_KGE.reshape(k, num_tokens, num_experts) - 1) * choice_KGE, -1)
+  kept_KG = slot_KG < capacity
+  slot_KGC = jax.nn.one_hot(slot_KG, capacity, dtype=jnp.float32) * kept_KG[..., None]
+  placed_KGEC = choice_KGE[..., None] * slot_KGC[:, :, None, :]
+  dispatch_GEC = jnp.sum(placed_KGEC, axis=0) > 0
+  combine_GEC = jnp.einsum("kg,kgec->gec", gates_GK.T.astype(jnp.float32), placed_KGEC)
+  stats = {
+      "expert_mask": jnp.sum(choice_KGE, axis=0),
+      "dropped_fraction": 1.0 - jnp.mean(kept_KG.astype(jnp.float32)),
+      "expert_load": jnp.mean(choice_KGE.astype(jnp.float32), axis=(0, 1)),
+  }
+  return dispatch_GEC, combine_GEC, stats
+
+
+def load_balancing_loss(probs_GE: jax.Array, expert_mask_GE: jax.Array) -> jax.Array:
+  """Switch loss E * sum_e f_e P_e: f_e the fraction of top-k choices routed to e (counts
+  / k, so it sums to 1 for any k), P_e the mean router probability of e.
+
+  The f_e are counts, so the gradient reaches the router through P_e alone: it pushes
+  probability away from the experts that are chosen most. 1.0 when either is uniform.
+  """
+  counts_GE = jax.lax.stop_gradient(expert_mask_GE.astype(jnp.float32))
+  fraction_E = jnp.sum(counts_GE, axis=0) / jnp.sum(counts_GE)
+  mean_prob_E = jnp.mean(probs_GE.astype(jnp.float32), axis=0)
+  return probs_GE.shape[-1] * jnp.sum(fraction_E * mean_prob_E)
+
+
+def router_z_loss(logits_GE: jax.Array) -> jax.Array:
+  """ST-MoE z-loss, mean over tokens of logsumexp(logits)^2: keeps router logits small,
+  where float32 softmax stays accurate."""
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits_GE.astype(jnp.float32), axis=-1)))
+
+
+# ----------------------------------------------------------------------------- layer
+
+
+class ExpertLinear(nn.Module):
+  """E independent projections x_e W_e + b_e, stored stacked (E, in, out) so that the
+  leading `expert` axis can shard over an expert mesh axis. Params are named like
+  `Linear`'s (kernel, bias) so the optimizer's weight decay and converters treat them
+  alike."""
+
+  features: int
+  axes: tuple[str | None, str | None, str | None]  # (expert, in, out)
+  use_bias: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x_BECI: jax.Array) -> jax.Array:
+    num_experts, size_in = x_BECI.shape[1], x_BECI.shape[-1]
+    kernel_EIO = self.param(
+        "kernel", logical_init(nn.initializers.normal(self.init_std), self.axes),
+        (num_experts, size_in, self.features), dtype_of(self.param_dtype))
+    dtype = dtype_of(self.dtype)
+    y_BECO = jnp.einsum("beci,eio->beco", x_BECI.astype(dtype), jnp.asarray(kernel_EIO, dtype))
+    if self.use_bias:
+      bias_axes = (self.axes[0], self.axes[2])
+      bias_EO = self.param("bias", logical_init(nn.initializers.zeros, bias_axes),
+                           (num_experts, self.features), dtype_of(self.param_dtype))
+      y_BECO = y_BECO + jnp.asarray(bias_EO, dtype)[None, :, None, :]
+    return y_BECO
+
+
+class MoE(nn.Module):
+  """y = sum over the token's kept top-k experts e of gate_e * FFN_e(x); drop-in for `MLP`.
+
+  Sows into the "moe_stats" collection (a no-op unless the caller makes it mutable):
+    aux_loss: aux_loss_weight * load-balance + z_loss_weight * z-loss, already weighted;
+    dropped_fraction: of the (token, choice) assignments, dropped by capacity;
+    expert_load (E,): fraction of assignments per expert, before capacity.
+  Each is a Flax sow tuple; `collect_moe_stats` reduces them over layers.
+  """
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
+    cfg, moe = self.cfg, self.cfg.moe
+    num_experts, tokens_per_group = moe.num_experts, x_BTD.shape[1]
+    capacity = expert_capacity(tokens_per_group, num_experts, moe.top_k, moe.capacity_factor)
+
+    # float32 router: logits differing in the 3rd digit decide which expert runs.
+    logits_BTE = Linear((num_experts,), ("embed", None), dtype="float32",
+                        param_dtype=cfg.param_dtype, init_std=cfg.init_std,
+                        name="router")(x_BTD)
+    probs_BTE = router_probs(logits_BTE)
+    route = functools.partial(top_k_routing, k=moe.top_k, capacity=capacity,
+                              renormalize=moe.renormalize)
+    dispatch_BTEC, combine_BTEC, stats = jax.vmap(route)(probs_BTE)
+
+    dtype = dtype_of(cfg.dtype)
+    x_BECD = jnp.einsum("btec,btd->becd", dispatch_BTEC.astype(dtype), x_BTD.astype(dtype))
+    proj = lambda features, axes, name: ExpertLinear(
+        features, axes, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        init_std=cfg.init_std, name=name)
+    act = _ACTIVATIONS[cfg.activation]
+    if cfg.activation in GATED:
+      h_BECF = act(proj(cfg.d_ff, ("expert", "embed", "mlp"), "wi_gate")(x_BECD))
+      h_BECF = h_BECF * proj(cfg.d_ff, ("expert", "embed", "mlp"), "wi_up")(x_BECD)
+    else:
+      h_BECF = act(proj(cfg.d_ff, ("expert", "embed", "mlp"), "wi")(x_BECD))
+    h_BECF = nn.with_logical_constraint(h_BECF, ("act_batch", None, None, "act_mlp"))
+    h_BECF = nn.Dropout(cfg.dropout)(h_BECF, deterministic=deterministic)
+    y_BECD = proj(cfg.d_model, ("expert", "mlp", "embed"), "wo")(h_BECF)
+    y_BTD = jnp.einsum("btec,becd->btd", combine_BTEC.astype(dtype), y_BECD)
+
+    # Balance is measured over the whole batch, not per group: the quantity to balance is
+    # each expert's total work, and per-group products of means would weigh rows oddly.
+    flat = lambda a: a.reshape(-1, num_experts)
+    balance = load_balancing_loss(flat(probs_BTE), flat(stats["expert_mask"]))
+    aux_loss = moe.aux_loss_weight * balance + moe.z_loss_weight * router_z_loss(flat(logits_BTE))
+    self.sow(STATS, "aux_loss", aux_loss)
+    self.sow(STATS, "dropped_fraction", jnp.mean(stats["dropped_fraction"]))
+    self.sow(STATS, "expert_load", jnp.mean(stats["expert_load"], axis=0))
+    return y_BTD
+
+
+def collect_moe_stats(collection: Mapping[str, Any]) -> dict:
+  """Reduces a "moe_stats" collection over all MoE layers, wherever they sit in the tree.
+
+  Leaves may carry leading layer axes (nn.scan stacks them) and sit in sow tuples. Returns
+  {"aux_loss": sum over layers, "dropped_fraction": mean, "expert_load": mean (E,)}, or {}
+  for a model without MoE layers.
+  """
+  found: dict[str, list[jax.Array]] = {"aux_loss": [], "dropped_fraction": [], "expert_load": []}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(collection):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    if names and names[-1] in found:
+      found[names[-1]].append(jnp.asarray(leaf))
+  if not found["aux_loss"]:
+    return {}
+  num_experts = found["expert_load"][0].shape[-1]
+  return {
+      "aux_loss": sum(jnp.sum(a) for a in found["aux_loss"]),
+      "dropped_fraction": jnp.mean(
+          jnp.concatenate([a.reshape(-1) for a in found["dropped_fraction"]])),
+      "expert_load": jnp.mean(jnp.concatenate(
+          [a.reshape(-1, num_experts) for a in found["expert_load"]]), axis=0),
+  }
