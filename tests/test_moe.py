@@ -20,9 +20,16 @@ def make_cfg(moe=None, **model):
   return config_lib.model_from_dict(dict(TINY, **model, moe=dict(moe or {})))
 
 
-def init_params(module, x, boxed=False):
-  params = jax.jit(module.init)(jax.random.PRNGKey(0), x)["params"]
-  return params if boxed else nn.unbox(params)
+def init_params(module, x, seed=0):
+  """Random params of the module's shapes. Compiling `init` costs seconds on CPU (the
+  RNG), so the values come from numpy; nonzero biases test the bias paths too."""
+  shapes = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), x)["params"])
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda s: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype), shapes)
+
+
+route = jax.jit(top_k_routing, static_argnames=("k", "capacity", "renormalize"))
 
 
 def applier(module):
@@ -72,7 +79,7 @@ def test_capacity_drops_tokens_and_dropped_tokens_get_zero_output():
   # Replay the routing to know which tokens lost their (only) choice.
   probs_BTE = router_probs(jnp.einsum("btd,de->bte", x, params["router"]["kernel"]))
   capacity = expert_capacity(16, 4, 1, 0.25)
-  dispatch_BTEC, _, _ = jax.vmap(lambda p: top_k_routing(p, 1, capacity))(probs_BTE)
+  dispatch_BTEC, _, _ = jax.vmap(lambda p: route(p, k=1, capacity=capacity))(probs_BTE)
   kept_BT = np.asarray(dispatch_BTEC.any(axis=(2, 3)))
   assert np.mean(~kept_BT) == pytest.approx(dropped)
   np.testing.assert_array_equal(np.asarray(y_tight)[~kept_BT], 0.0)
@@ -179,8 +186,7 @@ def test_first_choices_claim_slots_before_second_choices():
   probs_GE = jnp.array([[0.6, 0.3, 0.1],
                         [0.3, 0.6, 0.1],
                         [0.1, 0.3, 0.6]])
-  dispatch_GEC, combine_GEC, stats = top_k_routing(probs_GE, k=2, capacity=1,
-                                                   renormalize=False)
+  dispatch_GEC, combine_GEC, stats = route(probs_GE, k=2, capacity=1, renormalize=False)
   np.testing.assert_array_equal(dispatch_GEC[:, :, 0], np.eye(3, dtype=bool))
   np.testing.assert_allclose(combine_GEC[:, :, 0], np.eye(3) * 0.6)
   assert float(stats["dropped_fraction"]) == pytest.approx(0.5)
@@ -189,7 +195,7 @@ def test_first_choices_claim_slots_before_second_choices():
 
 def test_top2_renormalized_combine_weights_sum_to_one_without_drops():
   probs_GE = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (32, 8)))
-  dispatch_GEC, combine_GEC, stats = top_k_routing(probs_GE, k=2, capacity=32)
+  dispatch_GEC, combine_GEC, stats = route(probs_GE, k=2, capacity=32)
   np.testing.assert_allclose(combine_GEC.sum((1, 2)), 1.0, rtol=1e-6)
   np.testing.assert_array_equal(dispatch_GEC.sum((1, 2)), 2)
   assert np.all(dispatch_GEC.sum(0) <= 1)  # one token per slot
@@ -197,7 +203,7 @@ def test_top2_renormalized_combine_weights_sum_to_one_without_drops():
   assert float(stats["expert_load"].sum()) == pytest.approx(1.0)
   np.testing.assert_array_equal(stats["expert_mask"].sum(-1), 2)
 
-  _, raw_GEC, _ = top_k_routing(probs_GE, k=2, capacity=32, renormalize=False)
+  _, raw_GEC, _ = route(probs_GE, k=2, capacity=32, renormalize=False)
   top2_G = jnp.sort(probs_GE, axis=-1)[:, -2:].sum(-1)
   np.testing.assert_allclose(raw_GEC.sum((1, 2)), top2_G, rtol=1e-6)
 

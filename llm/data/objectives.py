@@ -149,7 +149,8 @@ def build_mlm_rows(token_lists: Sequence[Sequence[int]], seq_len: int, cls_id: i
   Each piece of at most seq_len - 2 ids becomes [CLS] ids [SEP] (bos and eos play
   CLS and SEP); pieces share rows best-fit as in `packing`, segment ids 1, 2, ... tell
   them apart (0 is padding) so the encoder attends within a piece, and positions
-  restart at 0 at each [CLS]. Mask per batch with `mlm_batch`.
+  restart at 0 at each [CLS]. A 1-id remainder of a document is dropped, as in
+  `packing`. Mask per batch with `mlm_batch`, so every epoch sees fresh masks.
   """
   if seq_len < 3:
     raise ValueError(f"config.data.seq_len={seq_len}: MLM rows need >= 3 ([CLS] id [SEP])")
@@ -310,7 +311,8 @@ def span_corruption_chunks(token_lists: Sequence[Sequence[int]], tokens_length: 
 def corrupt_spans(chunks_BL: np.ndarray, rng, sentinel_ids: Sequence[int], eos_id: int = EOS_ID,
                   pad_id: int = PAD_ID, noise_density: float = 0.15,
                   mean_span_length: float = 3.0) -> dict[str, np.ndarray]:
-  """Span-corrupted encoder-decoder batch from raw chunks (right-padded with pad_id).
+  """Span-corrupted encoder-decoder batch from raw chunks, right-padded with pad_id
+  (which must not occur in the text; a row's length is its count of other ids).
 
   decoder_inputs are the targets shifted right behind pad_id, T5's decoder start.
   """

@@ -17,6 +17,7 @@ import numpy as np
 
 from llm.config import ConfigError
 from llm.inference.sampling import SamplingConfig, sample
+from llm.models.blocks import unscanned
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0):
@@ -86,6 +87,7 @@ def generate(module: nn.Module, params, prompts: Sequence[Sequence[int]],
         f"prompt of {tokens_BP.shape[1]} tokens + max_new_tokens={sampling.max_new_tokens} "
         f"exceeds the context window of {context} (model.max_len); shorten the prompt or "
         "lower max_new_tokens")
+  module, params = unscanned(module, params)
   out_BN = np.asarray(_generate(module, params, jnp.asarray(tokens_BP), jnp.asarray(valid_BP),
                                 rng, sampling, cache_len))
   results = []

@@ -80,9 +80,13 @@ def top_k_routing(probs_GE: jax.Array, k: int, capacity: int, renormalize: bool 
   slot_KG = jnp.sum((claimed_KGE.reshape(k, num_tokens, num_experts) - 1) * choice_KGE, -1)
   kept_KG = slot_KG < capacity
   slot_KGC = jax.nn.one_hot(slot_KG, capacity, dtype=jnp.float32) * kept_KG[..., None]
-  placed_KGEC = choice_KGE[..., None] * slot_KGC[:, :, None, :]
-  dispatch_GEC = jnp.sum(placed_KGEC, axis=0) > 0
-  combine_GEC = jnp.einsum("kg,kgec->gec", gates_GK.T.astype(jnp.float32), placed_KGEC)
+  # One rank at a time: a (K, G, E, C) intermediate would be k times the dispatch tensor.
+  combine_GEC = jnp.zeros((num_tokens, num_experts, capacity), jnp.float32)
+  dispatch_GEC = jnp.zeros((num_tokens, num_experts, capacity), jnp.bool_)
+  for rank in range(k):
+    placed_GEC = jnp.einsum("ge,gc->gec", choice_KGE[rank].astype(jnp.float32), slot_KGC[rank])
+    dispatch_GEC = dispatch_GEC | (placed_GEC > 0)
+    combine_GEC = combine_GEC + gates_GK[:, rank, None, None].astype(jnp.float32) * placed_GEC
   stats = {
       "expert_mask": jnp.sum(choice_KGE, axis=0),
       "dropped_fraction": 1.0 - jnp.mean(kept_KG.astype(jnp.float32)),
