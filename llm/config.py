@@ -92,6 +92,13 @@ class DataConfig:
   num_sentinels: int = 100  # ids reserved for span-corruption sentinels
   max_documents: int = 0  # 0 = all
   shuffle_seed: int = 0
+  objective: str = "clm"  # clm | mlm | prefix_lm
+  mlm_probability: float = 0.15  # share of tokens selected for the MLM loss
+  mlm_mask_ratio: float = 0.8  # of those: replaced by <mask>
+  mlm_random_ratio: float = 0.1  # replaced by a random token (the rest are kept)
+  whole_word_masking: bool = False
+  noise_density: float = 0.15  # span corruption: share of tokens noised
+  mean_span_length: float = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +150,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),
+    "data.objective": ("clm", "mlm", "prefix_lm"),
 }
 
 
@@ -227,6 +235,16 @@ def validate(cfg: Config) -> Config:
            f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={cfg.model.max_len}; "
            "lower seq_len or raise max_len")
   _require(d.batch_size > 0, f"config.data.batch_size={d.batch_size}: must be > 0")
+  _require(0.0 < d.mlm_probability < 1.0,
+           f"config.data.mlm_probability={d.mlm_probability}: must be in (0, 1)")
+  _require(0.0 < d.noise_density < 1.0,
+           f"config.data.noise_density={d.noise_density}: must be in (0, 1)")
+  _require(d.mean_span_length >= 1.0,
+           f"config.data.mean_span_length={d.mean_span_length}: must be >= 1")
+  wants = {"mlm": "encoder", "clm": "decoder", "prefix_lm": "decoder"}[d.objective]
+  _require(cfg.model.family == wants,
+           f"config.data.objective={d.objective!r} trains a {wants} model, but "
+           f"config.model.family={cfg.model.family!r}; change one of them")
   _require(t.steps > 0, f"config.train.steps={t.steps}: must be > 0")
   _require(t.microbatches > 0 and d.batch_size % t.microbatches == 0,
            f"config.train.microbatches={t.microbatches}: must divide data.batch_size={d.batch_size}")

@@ -1,7 +1,6 @@
 """Mixture-of-experts layer: routing and capacity, aux losses, stats, and equality with the
 dense MLP when there is one expert."""
 
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,19 +28,23 @@ def init_params(module, x, seed=0):
       lambda s: jnp.asarray(rng.normal(0.0, 0.2, s.shape), s.dtype), shapes)
 
 
+# Jitted: eagerly, every op compiles on first use, which costs seconds per test on CPU.
 route = jax.jit(top_k_routing, static_argnames=("k", "capacity", "renormalize"))
+load_balancing_loss = jax.jit(load_balancing_loss)
+router_z_loss = jax.jit(router_z_loss)
 
 
 def applier(module):
   """Jitted apply returning (y, moe_stats collection)."""
-  def apply(params, x):
-    y, mutated = module.apply({"params": params}, x, mutable=[STATS])
+  def apply(params, x, *valid_BT):
+    y, mutated = module.apply({"params": params}, x, True, *valid_BT, mutable=[STATS])
     return y, mutated[STATS]
   return jax.jit(apply)
 
 
 def inputs(batch=2, length=8, seed=1):
-  return jax.random.normal(jax.random.PRNGKey(seed), (batch, length, TINY["d_model"]))
+  shape = (batch, length, TINY["d_model"])
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- layer
@@ -77,10 +80,13 @@ def test_capacity_drops_tokens_and_dropped_tokens_get_zero_output():
   assert 0.0 < dropped < 1.0
 
   # Replay the routing to know which tokens lost their (only) choice.
-  probs_BTE = router_probs(jnp.einsum("btd,de->bte", x, params["router"]["kernel"]))
-  capacity = expert_capacity(16, 4, 1, 0.25)
-  dispatch_BTEC, _, _ = jax.vmap(lambda p: route(p, k=1, capacity=capacity))(probs_BTE)
-  kept_BT = np.asarray(dispatch_BTEC.any(axis=(2, 3)))
+  @jax.jit
+  def kept(x_BTD, router_DE):
+    probs_BTE = router_probs(jnp.einsum("btd,de->bte", x_BTD, router_DE))
+    capacity = expert_capacity(16, 4, 1, 0.25)
+    dispatch_BTEC, _, _ = jax.vmap(lambda p: top_k_routing(p, 1, capacity))(probs_BTE)
+    return dispatch_BTEC.any(axis=(2, 3))
+  kept_BT = np.asarray(kept(x, params["router"]["kernel"]))
   assert np.mean(~kept_BT) == pytest.approx(dropped)
   np.testing.assert_array_equal(np.asarray(y_tight)[~kept_BT], 0.0)
   np.testing.assert_allclose(np.asarray(y_tight)[kept_BT], np.asarray(y_roomy)[kept_BT],
@@ -108,12 +114,38 @@ def test_uniform_router_has_balance_loss_one_and_stats_are_sown():
   module = MoE(cfg)
   x = inputs()
   params = init_params(module, x)
-  params["router"]["kernel"] = jnp.zeros_like(params["router"]["kernel"])  # equal probs
+  params["router"]["kernel"] = np.zeros(params["router"]["kernel"].shape, np.float32)
   _, stats = applier(module)(params, x)
   assert stats["aux_loss"][0].shape == () and stats["expert_load"][0].shape == (4,)
   collected = collect_moe_stats(stats)
   assert float(collected["aux_loss"]) == pytest.approx(1.0, abs=1e-6)
-  assert float(jnp.sum(collected["expert_load"])) == pytest.approx(1.0, abs=1e-6)
+  assert float(np.sum(collected["expert_load"])) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_padding_takes_no_slots_and_leaves_losses_and_stats_unchanged():
+  # The same six tokens padded on the left (as generate does) and on the right.
+  module = MoE(make_cfg(dict(num_experts=4, top_k=2, capacity_factor=100.0)))
+  x = inputs(batch=1, length=6)
+  pad = np.ones_like(x[:, :3])
+  left, right = np.concatenate([pad, x], 1), np.concatenate([x, pad], 1)
+  params = init_params(module, left)
+  apply = applier(module)
+  y_left, stats_left = apply(params, left, np.arange(9)[None] >= 3)
+  y_right, stats_right = apply(params, right, np.arange(9)[None] < 6)
+  np.testing.assert_array_equal(y_left[:, :3], 0.0)
+  np.testing.assert_array_equal(y_right[:, 6:], 0.0)
+  np.testing.assert_allclose(y_left[:, 3:], y_right[:, :6], atol=1e-6)
+  for name, value in collect_moe_stats(stats_right).items():
+    np.testing.assert_allclose(collect_moe_stats(stats_left)[name], value, rtol=1e-6)
+
+
+def test_padding_cannot_take_capacity_from_later_tokens():
+  probs_GE = np.tile(np.float32([0.9, 0.1]), (4, 1))
+  valid_G = np.array([False, False, True, True])
+  dispatch_GEC, _, stats = route(probs_GE, k=1, capacity=2, valid_G=valid_G)
+  np.testing.assert_array_equal(dispatch_GEC[:, 0], [[0, 0], [0, 0], [1, 0], [0, 1]])
+  assert float(stats["dropped_fraction"]) == 0.0
+  np.testing.assert_allclose(stats["expert_load"], [1.0, 0.0])
 
 
 def test_stats_are_not_recorded_unless_asked_for():
@@ -156,7 +188,7 @@ def test_scanned_layers_stack_stats_and_collect_sums_aux_losses():
     cfg: config_lib.ModelConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, deterministic=True):
       layer = nn.remat(Residual, prevent_cse=False)
       scanned = nn.scan(layer, variable_axes={"params": 0, STATS: 0},
                         split_rngs={"params": True}, in_axes=(nn.broadcast,),
@@ -183,7 +215,7 @@ def test_scanned_layers_stack_stats_and_collect_sums_aux_losses():
 
 def test_first_choices_claim_slots_before_second_choices():
   # Each token's first choice is its own expert; its second is someone else's first.
-  probs_GE = jnp.array([[0.6, 0.3, 0.1],
+  probs_GE = np.float32([[0.6, 0.3, 0.1],
                         [0.3, 0.6, 0.1],
                         [0.1, 0.3, 0.6]])
   dispatch_GEC, combine_GEC, stats = route(probs_GE, k=2, capacity=1, renormalize=False)
@@ -194,7 +226,8 @@ def test_first_choices_claim_slots_before_second_choices():
 
 
 def test_top2_renormalized_combine_weights_sum_to_one_without_drops():
-  probs_GE = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (32, 8)))
+  logits_GE = np.random.default_rng(0).normal(size=(32, 8))
+  probs_GE = (np.exp(logits_GE) / np.exp(logits_GE).sum(-1, keepdims=True)).astype(np.float32)
   dispatch_GEC, combine_GEC, stats = route(probs_GE, k=2, capacity=32)
   np.testing.assert_allclose(combine_GEC.sum((1, 2)), 1.0, rtol=1e-6)
   np.testing.assert_array_equal(dispatch_GEC.sum((1, 2)), 2)
@@ -204,30 +237,30 @@ def test_top2_renormalized_combine_weights_sum_to_one_without_drops():
   np.testing.assert_array_equal(stats["expert_mask"].sum(-1), 2)
 
   _, raw_GEC, _ = route(probs_GE, k=2, capacity=32, renormalize=False)
-  top2_G = jnp.sort(probs_GE, axis=-1)[:, -2:].sum(-1)
+  top2_G = np.sort(probs_GE, axis=-1)[:, -2:].sum(-1)
   np.testing.assert_allclose(raw_GEC.sum((1, 2)), top2_G, rtol=1e-6)
 
 
 def test_load_balancing_loss_is_one_when_balanced_and_larger_when_skewed():
   num_tokens, num_experts = 8, 4
-  uniform_GE = jnp.full((num_tokens, num_experts), 1 / num_experts)
-  balanced_GE = jax.nn.one_hot(jnp.arange(num_tokens) % num_experts, num_experts)
+  one_hot = lambda experts_G: np.eye(num_experts, dtype=np.float32)[experts_G]
+  uniform_GE = np.full((num_tokens, num_experts), 1 / num_experts, np.float32)
+  balanced_GE = one_hot(np.arange(num_tokens) % num_experts)
   assert float(load_balancing_loss(uniform_GE, balanced_GE)) == pytest.approx(1.0)
-  top2_GE = balanced_GE + jax.nn.one_hot((jnp.arange(num_tokens) + 1) % num_experts, num_experts)
+  top2_GE = balanced_GE + one_hot((np.arange(num_tokens) + 1) % num_experts)
   assert float(load_balancing_loss(uniform_GE, top2_GE)) == pytest.approx(1.0)
 
-  skewed_GE = jnp.tile(jnp.array([0.7, 0.1, 0.1, 0.1]), (num_tokens, 1))
-  all_to_first_GE = jax.nn.one_hot(jnp.zeros(num_tokens, jnp.int32), num_experts)
+  skewed_GE = np.tile(np.float32([0.7, 0.1, 0.1, 0.1]), (num_tokens, 1))
+  all_to_first_GE = one_hot(np.zeros(num_tokens, np.int32))
   assert float(load_balancing_loss(skewed_GE, all_to_first_GE)) == pytest.approx(4 * 0.7)
-  collapsed_GE = jax.nn.one_hot(jnp.zeros(num_tokens, jnp.int32), num_experts)
-  assert float(load_balancing_loss(collapsed_GE, all_to_first_GE)) == pytest.approx(4.0)
+  assert float(load_balancing_loss(all_to_first_GE, all_to_first_GE)) == pytest.approx(4.0)
 
 
 def test_router_z_loss_on_known_values():
-  assert float(router_z_loss(jnp.zeros((5, 4)))) == pytest.approx(np.log(4) ** 2)
-  logits_GE = jnp.array([[0.0, np.log(3.0)], [np.log(2.0), np.log(2.0)]])  # lse: log 4, log 4
+  assert float(router_z_loss(np.zeros((5, 4), np.float32))) == pytest.approx(np.log(4) ** 2)
+  logits_GE = np.float32([[0.0, np.log(3.0)], [np.log(2.0), np.log(2.0)]])  # lse: log 4, log 4
   assert float(router_z_loss(logits_GE)) == pytest.approx(np.log(4) ** 2)
-  logits_GE = jnp.array([[0.0, np.log(3.0)], [-100.0, 0.0]])  # lse: log 4, ~0
+  logits_GE = np.float32([[0.0, np.log(3.0)], [-100.0, 0.0]])  # lse: log 4, ~0
   assert float(router_z_loss(logits_GE)) == pytest.approx(np.log(4) ** 2 / 2, rel=1e-5)
 
 

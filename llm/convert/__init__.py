@@ -5,6 +5,9 @@
   save_pretrained(cfg, params, out_dir)            # config.json + model.safetensors
   cfg, params = load_pretrained(out_dir)           # safetensors read directly, no torch
 
+Families: decoders gpt2, llama; encoders bert, roberta (llm/convert/bert.py, which also
+says which heads a converted encoder carries).
+
 Params come back as plain nested dicts of float32 numpy arrays (the tree
 `nn.unbox(module.init(...))["params"]` has), left on the host so callers can shard them
 onto a mesh without first landing everything on one device. Anything the other side
@@ -19,12 +22,18 @@ import os
 from typing import Any
 
 from llm.config import ModelConfig
-from llm.convert import gpt2, llama
+from llm.convert import bert, gpt2, llama
 from llm.convert.common import (ConversionError, numpy_state_to_torch, params_to_numpy,
                                 read_safetensors_dir, require, torch_state_to_numpy)
 
-# model_type -> family module; add BERT, T5, BART, BLOOM, Mixtral here as files appear.
-FAMILIES = {gpt2.MODEL_TYPE: gpt2, llama.MODEL_TYPE: llama}
+# model_type -> family module (or object with the same functions); add T5, BART, BLOOM,
+# Mixtral here as files appear. A family may also define:
+#   LLM_FAMILY                 the ModelConfig.family it converts ("decoder" if absent);
+#   hf_model(cfg, state)       the HF model to load `state` into, when the class depends on
+#                              which heads the params hold (default: model_class()(config));
+#   model_class_for(hf_config) the class a torch-only checkpoint is read with.
+FAMILIES = {gpt2.MODEL_TYPE: gpt2, llama.MODEL_TYPE: llama, bert.BERT.MODEL_TYPE: bert.BERT,
+            bert.ROBERTA.MODEL_TYPE: bert.ROBERTA}
 
 __all__ = ["ConversionError", "FAMILIES", "from_transformers", "load_pretrained",
            "save_pretrained", "to_transformers"]
@@ -57,21 +66,30 @@ def load_pretrained(directory: str | os.PathLike, scan_layers: bool = True):
   cfg = family.config_from_hf(hf_config, scan_layers)
   state = read_safetensors_dir(directory)
   if state is None:  # a pytorch_model.bin-only checkpoint: let transformers read it
-    model = family.model_class().from_pretrained(directory, local_files_only=True)
+    model_class_for = getattr(family, "model_class_for", lambda _: family.model_class())
+    model = model_class_for(hf_config).from_pretrained(directory, local_files_only=True)
     state = torch_state_to_numpy(model.state_dict())
   return cfg, family.params_from_hf(state, cfg)
 
 
+def _llm_family(family) -> str:
+  return getattr(family, "LLM_FAMILY", "decoder")
+
+
 def _pick_family(cfg: ModelConfig, model_type: str | None):
-  require(cfg.family == "decoder",
-          f"config.model.family={cfg.family!r}: only decoders convert to transformers so far")
+  candidates = {name: f for name, f in FAMILIES.items() if _llm_family(f) == cfg.family}
+  require(bool(candidates), f"config.model.family={cfg.family!r}: only "
+          f"{' and '.join(sorted({_llm_family(f) for f in FAMILIES.values()}))} families "
+          "convert to transformers so far")
   if model_type is not None:
     family = _family(model_type)
+    require(_llm_family(family) == cfg.family, f"{model_type} is a {_llm_family(family)} "
+            f"family; config.model.family={cfg.family!r}")
     problems = family.hf_problems(cfg)
     require(not problems, f"{model_type} cannot express config.model: {'; '.join(problems)}")
     return family
   reasons = {}
-  for name, family in FAMILIES.items():
+  for name, family in candidates.items():
     reasons[name] = family.hf_problems(cfg)
     if not reasons[name]:
       return family
@@ -82,11 +100,14 @@ def _pick_family(cfg: ModelConfig, model_type: str | None):
 def to_transformers(cfg: ModelConfig, params: Any, model_type: str | None = None):
   """A float32 torch transformers model in eval mode holding `params`.
 
-  The family is the first in FAMILIES that can express `cfg`, or `model_type` if given.
+  The family is the first in FAMILIES of cfg.family that can express `cfg`, or
+  `model_type` if given.
   """
   family = _pick_family(cfg, model_type)
   state = family.state_to_hf(cfg, params_to_numpy(params))
-  model = family.model_class()(family.config_to_hf(cfg))
+  hf_model = getattr(family, "hf_model", None)
+  model = (hf_model(cfg, state) if hf_model is not None
+           else family.model_class()(family.config_to_hf(cfg)))
   # strict: a missing or extra tensor would leave HF's random init in place unnoticed.
   model.load_state_dict(numpy_state_to_torch(state), strict=True)
   return model.float().eval()

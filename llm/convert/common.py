@@ -139,3 +139,17 @@ def read_safetensors_dir(directory: str) -> State | None:
   for shard in shards:
     state.update(_read_safetensors_file(os.path.join(directory, shard)))
   return state
+
+
+def fill_missing(params: Params, defaults: Params) -> Params:
+  """`params` with every subtree it lacks taken from `defaults` (e.g. an `init` tree).
+
+  Checkpoints carry only the heads they were trained with (a BertModel has no MLM head, a
+  *ForMaskedLM no pooler or classifier); fine-tuning needs a full tree to start from.
+  """
+  if not isinstance(params, Mapping) or not isinstance(defaults, Mapping):
+    return params
+  out = dict(params)
+  for key, value in defaults.items():
+    out[key] = fill_missing(params[key], value) if key in params else value
+  return out

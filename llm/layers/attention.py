@@ -25,6 +25,21 @@ def causal_segment_mask(segment_ids_BT: jax.Array) -> jax.Array:
   return causal_TS[None] & same_BTS
 
 
+def prefix_lm_mask(segment_ids_BT: jax.Array, prefix_BT: jax.Array) -> jax.Array:
+  """mask_BTS for a prefix LM: causal, except that prefix tokens see the whole prefix.
+
+  Query t sees key s iff both lie in the same packed segment and either s <= t or
+  both are prefix tokens (marked per segment by `llm.data.objectives.prefix_lm_split`),
+  so the prefix is encoded bidirectionally and the suffix generated left to right.
+  """
+  t = segment_ids_BT.shape[1]
+  causal_TS = jnp.tril(jnp.ones((t, t), dtype=bool))
+  prefix_BT = prefix_BT.astype(bool)
+  both_prefix_BTS = prefix_BT[:, :, None] & prefix_BT[:, None, :]
+  same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  return (causal_TS[None] | both_prefix_BTS) & same_BTS
+
+
 def segment_mask(segment_ids_BT: jax.Array) -> jax.Array:
   """mask_BTS for bidirectional attention: same segment, and never to padding (id 0)."""
   same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
@@ -63,7 +78,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, decode: bool = False,
-               deterministic: bool = True, causal: bool = True, bias_BNTS=None):
+               deterministic: bool = True, causal: bool = True, bias_BNTS=None, prefix_BT=None):
     cfg = self.cfg
     n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
     proj = lambda features, axes, name, in_dims=1: Linear(
@@ -83,7 +98,10 @@ class Attention(nn.Module):
       if decode:  # first call (cache init): allocate for this many slots
         self._cache_vars(x_BTD.shape[0], x_BTD.shape[1], k, h)
       k_BSKH, v_BSKH = k_BTKH, v_BTKH
-      mask_BTS = (causal_segment_mask if causal else segment_mask)(segment_ids_BT)
+      if prefix_BT is not None:
+        mask_BTS = prefix_lm_mask(segment_ids_BT, prefix_BT)
+      else:
+        mask_BTS = (causal_segment_mask if causal else segment_mask)(segment_ids_BT)
 
     out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS,
                                      cfg.scale_attention)

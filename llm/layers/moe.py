@@ -52,13 +52,17 @@ def expert_capacity(tokens_per_group: int, num_experts: int, top_k: int,
   return max(1, min(tokens_per_group, slots))
 
 
-def top_k_routing(probs_GE: jax.Array, k: int, capacity: int, renormalize: bool = True):
+def top_k_routing(probs_GE: jax.Array, k: int, capacity: int, renormalize: bool = True,
+                  valid_G: jax.Array | None = None):
   """Token-choice top-k routing with a per-expert capacity (GShard / Switch).
 
   Choices claim slots rank by rank: every token's first choice is placed before any
   token's second choice (within a rank, in token order), so when an expert overflows it
   is the less preferred choices that are dropped. A dropped choice contributes nothing;
   the token's other choices (and the residual around the layer) still carry it.
+  Tokens with valid_G false (padding) claim no slot, so left padding in a batch of
+  prompts cannot take capacity from the real tokens behind it; they are left out of the
+  stats, and their output is zero.
 
   Returns:
     dispatch_GEC: bool, token g fills slot c of expert e.
@@ -66,9 +70,10 @@ def top_k_routing(probs_GE: jax.Array, k: int, capacity: int, renormalize: bool 
       Gates are the router probabilities, renormalized over the top k when `renormalize`
       (Mixtral). With k = 1 that makes every gate 1, so the router learns only from the
       aux losses; Switch keeps the raw probability (renormalize=False).
-    stats: expert_mask (G, E) multi-hot of the chosen experts before capacity (for the
-      load-balancing loss), dropped_fraction (of the G k choices) and expert_load (E,),
-      the fraction of choices that went to each expert (sums to 1).
+      stats: expert_mask (G, E) multi-hot of the chosen experts before capacity (for the
+      load-balancing loss; zero for padding), dropped_fraction (of the valid tokens' k
+      choices) and expert_load (E,), the fraction of those choices that went to each
+      expert (sums to 1).
   """
   num_tokens, num_experts = probs_GE.shape
   gates_GK, experts_GK = jax.lax.top_k(probs_GE, k)
@@ -76,9 +81,11 @@ def top_k_routing(probs_GE: jax.Array, k: int, capacity: int, renormalize: bool 
     gates_GK = gates_GK / jnp.sum(gates_GK, axis=-1, keepdims=True)
   # Rank-major order (K before G) is what makes first choices win the slots.
   choice_KGE = jax.nn.one_hot(experts_GK.T, num_experts, dtype=jnp.int32)
+  if valid_G is not None:
+    choice_KGE = choice_KGE * valid_G.astype(jnp.int32)[None, :, None]
   claimed_KGE = jnp.cumsum(choice_KGE.reshape(k * num_tokens, num_experts), axis=0)
   slot_KG = jnp.sum((claimed_KGE.reshape(k, num_tokens, num_experts) - 1) * choice_KGE, -1)
-  kept_KG = slot_KG < capacity
+  kept_KG = (slot_KG < capacity) & (jnp.sum(choice_KGE, -1) > 0)
   slot_KGC = jax.nn.one_hot(slot_KG, capacity, dtype=jnp.float32) * kept_KG[..., None]
   # One rank at a time: a (K, G, E, C) intermediate would be k times the dispatch tensor.
   combine_GEC = jnp.zeros((num_tokens, num_experts, capacity), jnp.float32)
@@ -87,31 +94,42 @@ def top_k_routing(probs_GE: jax.Array, k: int, capacity: int, renormalize: bool 
     placed_GEC = jnp.einsum("ge,gc->gec", choice_KGE[rank].astype(jnp.float32), slot_KGC[rank])
     dispatch_GEC = dispatch_GEC | (placed_GEC > 0)
     combine_GEC = combine_GEC + gates_GK[:, rank, None, None].astype(jnp.float32) * placed_GEC
+  choices = jnp.maximum(jnp.sum(choice_KGE), 1).astype(jnp.float32)
   stats = {
       "expert_mask": jnp.sum(choice_KGE, axis=0),
-      "dropped_fraction": 1.0 - jnp.mean(kept_KG.astype(jnp.float32)),
-      "expert_load": jnp.mean(choice_KGE.astype(jnp.float32), axis=(0, 1)),
+      "dropped_fraction": 1.0 - jnp.sum(kept_KG) / choices,
+      "expert_load": jnp.sum(choice_KGE, axis=(0, 1)) / choices,
   }
   return dispatch_GEC, combine_GEC, stats
 
 
-def load_balancing_loss(probs_GE: jax.Array, expert_mask_GE: jax.Array) -> jax.Array:
+def load_balancing_loss(probs_GE: jax.Array, expert_mask_GE: jax.Array,
+                        valid_G: jax.Array | None = None) -> jax.Array:
   """Switch loss E * sum_e f_e P_e: f_e the fraction of top-k choices routed to e (counts
   / k, so it sums to 1 for any k), P_e the mean router probability of e.
 
   The f_e are counts, so the gradient reaches the router through P_e alone: it pushes
   probability away from the experts that are chosen most. 1.0 when either is uniform.
+  Means run over the valid_G tokens only (padding neither counts nor pulls).
   """
   counts_GE = jax.lax.stop_gradient(expert_mask_GE.astype(jnp.float32))
-  fraction_E = jnp.sum(counts_GE, axis=0) / jnp.sum(counts_GE)
-  mean_prob_E = jnp.mean(probs_GE.astype(jnp.float32), axis=0)
+  fraction_E = jnp.sum(counts_GE, axis=0) / jnp.maximum(jnp.sum(counts_GE), 1.0)
+  mean_prob_E = _masked_mean(probs_GE.astype(jnp.float32), valid_G)
   return probs_GE.shape[-1] * jnp.sum(fraction_E * mean_prob_E)
 
 
-def router_z_loss(logits_GE: jax.Array) -> jax.Array:
-  """ST-MoE z-loss, mean over tokens of logsumexp(logits)^2: keeps router logits small,
-  where float32 softmax stays accurate."""
-  return jnp.mean(jnp.square(jax.nn.logsumexp(logits_GE.astype(jnp.float32), axis=-1)))
+def router_z_loss(logits_GE: jax.Array, valid_G: jax.Array | None = None) -> jax.Array:
+  """ST-MoE z-loss, mean over (valid) tokens of logsumexp(logits)^2: keeps router logits
+  small, where float32 softmax stays accurate."""
+  return _masked_mean(jnp.square(jax.nn.logsumexp(logits_GE.astype(jnp.float32), -1)), valid_G)
+
+
+def _masked_mean(x_G, valid_G):
+  """Mean over the leading (token) axis, counting only valid tokens when a mask is given."""
+  if valid_G is None:
+    return jnp.mean(x_G, axis=0)
+  weights_G = valid_G.astype(x_G.dtype).reshape(-1, *([1] * (x_G.ndim - 1)))
+  return jnp.sum(x_G * weights_G, axis=0) / jnp.maximum(jnp.sum(weights_G), 1.0)
 
 
 # ----------------------------------------------------------------------------- layer
@@ -149,6 +167,9 @@ class ExpertLinear(nn.Module):
 class MoE(nn.Module):
   """y = sum over the token's kept top-k experts e of gate_e * FFN_e(x); drop-in for `MLP`.
 
+  `valid_BT` (e.g. segment_ids != 0) keeps padding out of the experts' slots and out of
+  the losses and stats; padding positions get a zero output.
+
   Sows into the "moe_stats" collection (a no-op unless the caller makes it mutable):
     aux_loss: aux_loss_weight * load-balance + z_loss_weight * z-loss, already weighted;
     dropped_fraction: of the (token, choice) assignments, dropped by capacity;
@@ -159,8 +180,11 @@ class MoE(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD: jax.Array, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x_BTD: jax.Array, deterministic: bool = True,
+               valid_BT: jax.Array | None = None) -> jax.Array:
     cfg, moe = self.cfg, self.cfg.moe
+    if valid_BT is None:
+      valid_BT = jnp.ones(x_BTD.shape[:2], jnp.bool_)
     num_experts, tokens_per_group = moe.num_experts, x_BTD.shape[1]
     capacity = expert_capacity(tokens_per_group, num_experts, moe.top_k, moe.capacity_factor)
 
@@ -171,7 +195,7 @@ class MoE(nn.Module):
     probs_BTE = router_probs(logits_BTE)
     route = functools.partial(top_k_routing, k=moe.top_k, capacity=capacity,
                               renormalize=moe.renormalize)
-    dispatch_BTEC, combine_BTEC, stats = jax.vmap(route)(probs_BTE)
+    dispatch_BTEC, combine_BTEC, routed = jax.vmap(route)(probs_BTE, valid_G=valid_BT)
 
     dtype = dtype_of(cfg.dtype)
     x_BECD = jnp.einsum("btec,btd->becd", dispatch_BTEC.astype(dtype), x_BTD.astype(dtype))
@@ -191,12 +215,15 @@ class MoE(nn.Module):
 
     # Balance is measured over the whole batch, not per group: the quantity to balance is
     # each expert's total work, and per-group products of means would weigh rows oddly.
+    # So are the stats: counts over the batch, then one division.
     flat = lambda a: a.reshape(-1, num_experts)
-    balance = load_balancing_loss(flat(probs_BTE), flat(stats["expert_mask"]))
-    aux_loss = moe.aux_loss_weight * balance + moe.z_loss_weight * router_z_loss(flat(logits_BTE))
-    self.sow(STATS, "aux_loss", aux_loss)
-    self.sow(STATS, "dropped_fraction", jnp.mean(stats["dropped_fraction"]))
-    self.sow(STATS, "expert_load", jnp.mean(stats["expert_load"], axis=0))
+    mask_BTE, valid_G = routed["expert_mask"], valid_BT.reshape(-1)
+    balance = load_balancing_loss(flat(probs_BTE), flat(mask_BTE), valid_G)
+    z_loss = router_z_loss(flat(logits_BTE), valid_G)
+    assigned = jnp.maximum(jnp.sum(mask_BTE), 1).astype(jnp.float32)
+    self.sow(STATS, "aux_loss", moe.aux_loss_weight * balance + moe.z_loss_weight * z_loss)
+    self.sow(STATS, "dropped_fraction", 1.0 - jnp.sum(dispatch_BTEC) / assigned)
+    self.sow(STATS, "expert_load", jnp.sum(mask_BTE, axis=(0, 1)) / assigned)
     return y_BTD
 
 

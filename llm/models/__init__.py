@@ -27,8 +27,10 @@ def make_forward(module: nn.Module):
 
   def forward(params, batch, rng):
     deterministic = rng is None or cfg.dropout == 0.0
+    extra = {"output": "mlm"} if cfg.family == "encoder" else (
+        {"prefix_BT": batch["prefix"]} if "prefix" in batch else {})
     logits = module.apply({"params": params}, batch["inputs"], batch.get("positions"),
                           batch.get("segment_ids"), deterministic=deterministic,
-                          rngs=None if deterministic else {"dropout": rng})
+                          rngs=None if deterministic else {"dropout": rng}, **extra)
     return logits, {}
   return forward

@@ -37,11 +37,11 @@ class Block(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, prefix_BT=None):
     cfg = self.cfg
     attention = lambda h: Attention(cfg, name="attn")(
         h, positions_BT, segment_ids_BT, decode=self.decode, deterministic=self.deterministic,
-        causal=self.causal)
+        causal=self.causal, prefix_BT=prefix_BT)
     mlp = lambda h: MLP(cfg, name="mlp")(h, self.deterministic)
     for sublayer, norm_name in ((attention, "attn_norm"), (mlp, "mlp_norm")):
       norm = make_norm(cfg, norm_name)
@@ -64,7 +64,7 @@ def block_stack(block_cls, cfg: ModelConfig, **block_kwargs):
   if cfg.scan_layers:
     scanned = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     stack = scanned(cfg, **block_kwargs, name="layers")
     return lambda x, *args: stack(x, *args)[0]

@@ -14,7 +14,8 @@ class Decoder(nn.Module):
   """tokens (B, T) -> logits (B, T, V) in float32.
 
   `segment_ids` (0 = padding) keep packed documents apart; `positions` default to the
-  count of real tokens before each one. With `decode=True` the call appends to the KV
+  count of real tokens before each one. `prefix_BT` (prefix LM) marks tokens that
+  attend bidirectionally within their segment's prefix. With `decode=True` the call appends to the KV
   cache (see `llm.inference`), so `positions` must then be given explicitly.
   """
 
@@ -22,7 +23,7 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, decode: bool = False,
-               deterministic: bool = True):
+               deterministic: bool = True, prefix_BT=None):
     cfg = self.cfg
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones_like(tokens_BT)
@@ -40,7 +41,7 @@ class Decoder(nn.Module):
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
     x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
     stack = block_stack(Block, cfg, decode=decode, deterministic=deterministic)
-    x_BTD = stack(x_BTD, positions_BT, segment_ids_BT)
+    x_BTD = stack(x_BTD, positions_BT, segment_ids_BT, prefix_BT)
     x_BTD = make_norm(cfg, "final_norm")(x_BTD)
     if cfg.tie_embeddings:
       logits_BTV = embed.attend(x_BTD)

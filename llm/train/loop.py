@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm import data as data_lib
+from llm.data import pipeline
 from llm import models, parallel, scaling
 from llm.config import Config
 from llm.inference import SamplingConfig, generate
@@ -74,8 +75,9 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   ckpt.ensure_writable(workdir)
   ckpt.write_or_check_config(workdir, cfg)
   tokenizer = data_lib.get_tokenizer(dcfg, cfg.model.vocab_size, workdir)
-  train_rows = data_lib.build_dataset(dcfg, tokenizer, dcfg.train_split)
-  eval_rows = data_lib.build_dataset(dcfg, tokenizer, dcfg.eval_split)
+  train_rows = pipeline.build_rows(dcfg, tokenizer, dcfg.train_split)
+  eval_rows = pipeline.build_rows(dcfg, tokenizer, dcfg.eval_split)
+  make_batch = pipeline.batch_fn(dcfg, tokenizer)
 
   mesh = parallel.make_mesh(cfg.parallel)
   parallel.check_batch_divisible(dcfg.batch_size, mesh, tcfg.microbatches)
@@ -91,7 +93,7 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   batches = data_lib.BatchIterator(train_rows, dcfg.batch_size, dcfg.shuffle_seed,
                                    state=data_state, process_index=jax.process_index(),
                                    process_count=jax.process_count())
-  eval_set = data_lib.eval_batches(eval_rows, dcfg.batch_size, tcfg.eval_batches)
+  eval_set = pipeline.eval_set(dcfg, tokenizer, eval_rows, dcfg.batch_size, tcfg.eval_batches)
   train_fn, eval_fn = compiled_steps(shardings, mesh)
 
   writer = MetricsWriter(workdir)
@@ -103,7 +105,7 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   bar = _progress_bar(start_step, tcfg.steps, progress)
   try:
     for step in range(start_step + 1, tcfg.steps + 1):
-      state, last = _train_one(step, state, last, batches, train_fn, eval_fn, eval_set, mesh,
+      state, last = _train_one(step, state, last, batches, make_batch, train_fn, eval_fn, eval_set, mesh,
                                mgr, writer, lr_at, flops_per_token * dcfg.batch_size * dcfg.seq_len
                                / (peak * jax.device_count()), cfg, clock)
       bar.update(1)
@@ -117,7 +119,7 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   return last
 
 
-def _train_one(step, state, last, batches, train_fn, eval_fn, eval_set, mesh, mgr, writer,
+def _train_one(step, state, last, batches, make_batch, train_fn, eval_fn, eval_set, mesh, mgr, writer,
                lr_at, flops_per_step_per_peak, cfg, clock):
   """One step, plus logging / eval / checkpointing when they fall due.
 
@@ -125,7 +127,7 @@ def _train_one(step, state, last, batches, train_fn, eval_fn, eval_set, mesh, mg
   since the last log (`clock`), ending when this step's metrics arrive on the host.
   """
   tcfg = cfg.train
-  state, metrics = train_fn(state, parallel.shard_batch(next(batches), mesh))
+  state, metrics = train_fn(state, parallel.shard_batch(make_batch(next(batches), step), mesh))
   clock["steps"] += 1
   if step % tcfg.log_every == 0 or step == tcfg.steps:
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
