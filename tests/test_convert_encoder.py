@@ -130,8 +130,6 @@ def test_config_fields(case):
 def test_padded_hidden_states_match_transformers(case, side):
   """Padding through attention_mask / segment_ids; compared on the real tokens only."""
   name, model, tokens, types, _ = case
-  if name == "bert" and side == "left":
-    pytest.skip("HF BERT numbers left-padded positions from the pad; pass positions instead")
   lengths = np.array([T, T - 5])
   real = np.arange(T)[None, :] < lengths[:, None]
   if side == "left":
@@ -142,7 +140,11 @@ def test_padded_hidden_states_match_transformers(case, side):
     want = model.base_model(_torch(tokens), attention_mask=_torch(mask),
                             token_type_ids=_torch(types)).last_hidden_state.numpy()
   cfg, params = from_transformers(model)
-  got = _ours(cfg, params, tokens, "hidden", segment_ids_BT=mask, token_types_BT=types)
+  kwargs = {}
+  if name == "bert" and side == "left":  # HF BERT numbers positions 0..T-1, pads included
+    kwargs["positions_BT"] = np.broadcast_to(np.arange(T), (B, T))
+  got = _ours(cfg, params, tokens, "hidden", segment_ids_BT=mask, token_types_BT=types,
+              **kwargs)
   np.testing.assert_allclose(got[real], want[real], atol=ATOL, rtol=0)
 
 
