@@ -224,6 +224,9 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     _require(e.capacity_factor > 0,
              f"config.model.moe.capacity_factor={e.capacity_factor}: must be > 0")
     _require(e.every >= 1, f"config.model.moe.every={e.every}: must be >= 1")
+    _require(e.every == 1 or not m.scan_layers,
+             f"config.model.moe.every={e.every}: scanned layers must be identical; set "
+             "model.scan_layers=False to interleave dense and MoE layers")
   return m
 
 

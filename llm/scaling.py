@@ -3,12 +3,17 @@
 from llm.config import ModelConfig
 
 
-def param_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:
+def param_count(cfg: ModelConfig, include_embeddings: bool = True, active: bool = False) -> int:
+  """Weights (biases and norms left out). `active`: only those one token uses, i.e. top_k
+  of the experts in MoE layers (what sets FLOPs per token)."""
   d, f, n, k, h = cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
   attn = d * n * h * 2 + d * k * h * 2
   mlp = d * f * (3 if cfg.activation in ("swiglu", "geglu") else 2)
-  per_layer = attn + mlp
-  total = cfg.num_layers * per_layer
+  experts = cfg.moe.num_experts
+  moe_layers = (sum((i + 1) % cfg.moe.every == 0 for i in range(cfg.num_layers))
+                if experts else 0)
+  moe_mlp = d * experts + mlp * (min(cfg.moe.top_k, experts) if active else experts)
+  total = cfg.num_layers * (attn + mlp) + moe_layers * (moe_mlp - mlp)
   if include_embeddings:
     total += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
     total += cfg.max_len * d if cfg.positions == "learned" else 0
@@ -17,7 +22,7 @@ def param_count(cfg: ModelConfig, include_embeddings: bool = True) -> int:
 
 def matmul_params(cfg: ModelConfig) -> int:
   """Weights that take part in a matmul per token: blocks plus the LM head."""
-  return param_count(cfg, include_embeddings=False) + cfg.vocab_size * cfg.d_model
+  return param_count(cfg, include_embeddings=False, active=True) + cfg.vocab_size * cfg.d_model
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+from transformers import (DistilBertConfig, DistilBertModel, GPT2Config, GPT2LMHeadModel,
+                          LlamaConfig, LlamaForCausalLM)
 
 from llm.config import ModelConfig
 from llm.convert import (from_transformers, load_pretrained, save_pretrained,
@@ -167,17 +167,18 @@ def test_llm_layout_params_to_transformers(native, model_cls, tokens):
                              atol=ATOL, rtol=0)
 
 
-def _tiny_bert():
-  return BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
-                              num_attention_heads=2, intermediate_size=37))
+def _tiny_distilbert():
+  return DistilBertModel(DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2,
+                                          hidden_dim=37))
 
 
 def test_unsupported_model_type(tmp_path):
-  bert = _tiny_bert()
-  match = r"model_type='bert' is not supported; supported model types: gpt2, llama"
+  model = _tiny_distilbert()
+  match = (r"model_type='distilbert' is not supported; supported model types: "
+           r"gpt2, llama, bert, roberta")
   with pytest.raises(ValueError, match=match):
-    from_transformers(bert)
-  bert.save_pretrained(tmp_path)
+    from_transformers(model)
+  model.save_pretrained(tmp_path)
   with pytest.raises(ValueError, match=match):
     load_pretrained(tmp_path)
 

@@ -77,3 +77,11 @@ def test_full_size_parameter_counts_match_the_published_ones():
   mlm_head = counts.pop("mlm_dense") + counts.pop("mlm_norm") + counts.pop("mlm_bias")
   assert sum(counts.values()) == 109_482_240  # bert-base-uncased BertModel
   assert mlm_head == 768 * 768 + 768 + 2 * 768 + 30522
+
+
+def test_mixtral_shaped_config_has_mixtrals_parameter_count():
+  from configs import moe as moe_configs
+  from llm import scaling
+  cfg, counts = _param_count(moe_configs.get_config("mixtral"))
+  assert sum(counts.values()) == 46_702_792_704  # Mixtral-8x7B (HF MixtralForCausalLM)
+  assert scaling.param_count(cfg, active=True) + cfg.vocab_size * cfg.d_model * 2 > 12.8e9

@@ -20,9 +20,11 @@ Positions. HF BERT numbers positions 0..T-1 whatever the padding; HF RoBERTa cou
 non-padding tokens (token id == pad_token_id is padding). The Encoder numbers real tokens
 from `segment_ids` (0 = padding), so with padding pass `segment_ids = attention_mask`:
 that matches RoBERTa for any padding side and BERT for right padding (pass explicit
-`positions` for left-padded BERT input). Only the MLM head's decoder is tied: an untied
-checkpoint whose decoder differs from the token embedding cannot be expressed, nor a
-RoBERTa MLM head with hidden_act other than "gelu" (RobertaLMHead hard-codes exact GELU).
+`positions` for left-padded BERT input).
+
+Not expressible (ConversionError): an MLM decoder that differs from the token embedding
+(the Encoder's MLM head is always tied), and a RoBERTa MLM head with hidden_act other than
+"gelu" (RobertaLMHead hard-codes exact GELU; ours follows config.model.activation).
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ from typing import Any
 import numpy as np
 
 from llm.config import ModelConfig, validate_model
-from llm.convert.common import (Params, State, StateReader, hf_field,
-                                reject_if, require, stack_layers, unstack_layers)
+from llm.convert.common import (Params, State, StateReader, hf_field, reject_if, require,
+                                stack_layers, unstack_layers)
 
-# HF activation name -> ours (the MLM head's transform uses the same activation).
+# HF hidden_act -> ours (BERT's MLM transform uses it too; RoBERTa's is always "gelu").
 _ACT_FROM_HF = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu",
                 "relu": "relu"}
 _ACT_TO_HF = {"gelu_exact": "gelu", "gelu": "gelu_new", "relu": "relu"}
@@ -83,7 +85,7 @@ class EncoderFamily:
   def __repr__(self):
     return f"EncoderFamily({self.MODEL_TYPE!r})"
 
-  # --- positions: the only structural difference between BERT and RoBERTa ---
+  # --- what differs between BERT and RoBERTa: positions, the MLM head's activation ---
 
   @property
   def _roberta(self) -> bool:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from llm.config import ModelConfig
 from llm.layers.linear import Linear
-from llm.layers.position import apply_rope
+from llm.layers.position import alibi_bias, apply_rope
 
 _NEG_INF = -1e30  # finite, so a fully masked row gives a uniform (not NaN) softmax
 
@@ -58,8 +58,9 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None, scal
                             preferred_element_type=jnp.float32)
   if scale:
     logits_BKGTS = logits_BKGTS * (h ** -0.5)
-  if bias_BNTS is not None:
-    logits_BKGTS = logits_BKGTS + bias_BNTS.reshape(b, k, n // k, t, -1)
+  if bias_BNTS is not None:  # (B or 1, N, T or 1, S)
+    bias = bias_BNTS.reshape(bias_BNTS.shape[0], k, n // k, *bias_BNTS.shape[2:])
+    logits_BKGTS = logits_BKGTS + bias
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _NEG_INF)
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
   out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
@@ -103,6 +104,9 @@ class Attention(nn.Module):
       else:
         mask_BTS = (causal_segment_mask if causal else segment_mask)(segment_ids_BT)
 
+    if cfg.positions == "alibi":
+      alibi_1NTS = alibi_bias(n, k_BSKH.shape[1])
+      bias_BNTS = alibi_1NTS if bias_BNTS is None else bias_BNTS + alibi_1NTS
     out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS,
                                      cfg.scale_attention)
     out_BTNH = nn.Dropout(cfg.dropout)(out_BTNH, deterministic=deterministic)

@@ -1,5 +1,7 @@
 """Position encodings: rotary (RoPE) as pure functions; learned tables live in the model."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -23,3 +25,22 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTNH.dtype)
+
+
+def alibi_slopes(num_heads: int) -> jax.Array:
+  """Per-head ALiBi slopes (Press et al.; BLOOM): a geometric sequence 2^(-8i/n), with
+  the in-between slopes of the next power of two interleaved when n is not one."""
+  def powers(n):
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (i + 1) for i in range(n)]
+  closest = 2 ** math.floor(math.log2(num_heads))
+  slopes = powers(closest)
+  if closest < num_heads:
+    slopes += powers(2 * closest)[0::2][:num_heads - closest]
+  return jnp.asarray(slopes, jnp.float32)
+
+
+def alibi_bias(num_heads: int, key_len: int) -> jax.Array:
+  """bias_1NTS = slope_n * s. Softmax ignores per-query constants, so this equals the
+  usual -slope * (t - s) and needs no query positions (works for packing and caches)."""
+  return (alibi_slopes(num_heads)[:, None, None] * jnp.arange(key_len, dtype=jnp.float32))[None]

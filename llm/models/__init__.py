@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from llm.config import ModelConfig
+from llm.layers.moe import STATS, collect_moe_stats
 from llm.models.decoder import Decoder
 from llm.models.encoder import Encoder, mean_pool
 
@@ -21,6 +22,8 @@ def build(cfg: ModelConfig, num_labels: int = 0) -> nn.Module:
 def make_forward(module: nn.Module):
   """(params, batch, rng|None) -> (logits_BTV, aux_losses): the train step's view of a model.
 
+  aux_losses are already weighted (e.g. MoE load balancing + router z-loss).
+
   `rng` None means deterministic (eval); otherwise it seeds dropout.
   """
   cfg = module.cfg
@@ -29,8 +32,14 @@ def make_forward(module: nn.Module):
     deterministic = rng is None or cfg.dropout == 0.0
     extra = {"output": "mlm"} if cfg.family == "encoder" else (
         {"prefix_BT": batch["prefix"]} if "prefix" in batch else {})
-    logits = module.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                          batch.get("segment_ids"), deterministic=deterministic,
-                          rngs=None if deterministic else {"dropout": rng}, **extra)
-    return logits, {}
+    logits, mutated = module.apply(
+        {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
+        deterministic=deterministic, rngs=None if deterministic else {"dropout": rng},
+        mutable=[STATS], **extra)
+    stats = collect_moe_stats(mutated.get(STATS, {}))
+    if not stats:
+      return logits, {}
+    return logits, {"moe_aux_loss": stats["aux_loss"],
+                    "moe_dropped_fraction": stats["dropped_fraction"],
+                    "moe_expert_load": stats["expert_load"]}
   return forward

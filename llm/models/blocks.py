@@ -14,6 +14,7 @@ from llm.layers.attention import Attention
 from llm.layers.common import dtype_of
 from llm.layers.linear import logical_init
 from llm.layers.mlp import MLP
+from llm.layers.moe import STATS, MoE
 from llm.layers.norm import Norm
 
 _REMAT_POLICIES = {
@@ -35,6 +36,7 @@ class Block(nn.Module):
   causal: bool = True
   decode: bool = False
   deterministic: bool = True
+  moe: bool = False  # the MLP is a mixture of experts
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, prefix_BT=None):
@@ -42,7 +44,10 @@ class Block(nn.Module):
     attention = lambda h: Attention(cfg, name="attn")(
         h, positions_BT, segment_ids_BT, decode=self.decode, deterministic=self.deterministic,
         causal=self.causal, prefix_BT=prefix_BT)
-    mlp = lambda h: MLP(cfg, name="mlp")(h, self.deterministic)
+    if self.moe:
+      mlp = lambda h: MoE(cfg, name="moe")(h, self.deterministic, segment_ids_BT != 0)
+    else:
+      mlp = lambda h: MLP(cfg, name="mlp")(h, self.deterministic)
     for sublayer, norm_name in ((attention, "attn_norm"), (mlp, "mlp_norm")):
       norm = make_norm(cfg, norm_name)
       if cfg.post_norm:
@@ -56,20 +61,29 @@ class Block(nn.Module):
     return nn.Dropout(self.cfg.dropout)(h, deterministic=self.deterministic)
 
 
+def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
+  return cfg.moe.num_experts > 0 and (i + 1) % cfg.moe.every == 0
+
+
 def block_stack(block_cls, cfg: ModelConfig, **block_kwargs):
-  """Returns a callable applying cfg.num_layers blocks, scanned and rematerialized per cfg."""
+  """Returns a callable applying cfg.num_layers blocks, scanned and rematerialized per cfg.
+
+  Scanned stacks need identical layers, so with MoE they are all MoE (moe.every == 1;
+  config validation enforces it); unscanned stacks place MoE every moe.every layers.
+  """
   if cfg.remat != "none":
     block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[cfg.remat],
                          prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
-    scanned = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
+    scanned = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0, STATS: 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-    stack = scanned(cfg, **block_kwargs, name="layers")
+    stack = scanned(cfg, **block_kwargs, moe=is_moe_layer(cfg, 0), name="layers")
     return lambda x, *args: stack(x, *args)[0]
 
-  blocks = [block_cls(cfg, **block_kwargs, name=f"layers_{i}") for i in range(cfg.num_layers)]
+  blocks = [block_cls(cfg, **block_kwargs, moe=is_moe_layer(cfg, i), name=f"layers_{i}")
+            for i in range(cfg.num_layers)]
 
   def apply(x, *args):
     for block in blocks:

@@ -36,6 +36,8 @@ class Decoder(nn.Module):
       x_BTD = x_BTD + Embed(cfg.max_len, cfg.d_model, axes=(None, "embed"), dtype=cfg.dtype,
                             param_dtype=cfg.param_dtype, init_std=cfg.init_std,
                             name="pos_embed")(positions_BT)
+    if cfg.embed_norm:  # BLOOM
+      x_BTD = make_norm(cfg, "embed_norm")(x_BTD)
     # A zero "perturbation" lets tests take gradients w.r.t. the input embeddings.
     x_BTD = self.perturb("embedded", x_BTD)
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)

@@ -21,7 +21,7 @@ from llm import models, parallel, scaling
 from llm.config import Config
 from llm.inference import SamplingConfig, generate
 from llm.train import checkpoint as ckpt
-from llm.train.metrics import MetricsWriter, measure_matmul_peak, plot_losses
+from llm.train.metrics import MetricsWriter, measure_matmul_peak, plot_losses, to_plain
 from llm.train.optimizer import make_optimizer, schedule
 from llm.train.state import TrainState, init_state
 from llm.train.step import eval_step, train_step
@@ -130,7 +130,7 @@ def _train_one(step, state, last, batches, make_batch, train_fn, eval_fn, eval_s
   state, metrics = train_fn(state, parallel.shard_batch(make_batch(next(batches), step), mesh))
   clock["steps"] += 1
   if step % tcfg.log_every == 0 or step == tcfg.steps:
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+    metrics = {k: to_plain(v) for k, v in jax.device_get(metrics).items()}  # waits for it
     now = time.perf_counter()
     seconds = (now - clock["start"]) / clock["steps"]
     clock.update(start=now, steps=0)

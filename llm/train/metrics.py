@@ -23,10 +23,19 @@ class MetricsWriter:
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
-    clean = {k: (float(v) if isinstance(v, (np.floating, np.integer, jax.Array, float)) else v)
-             for k, v in record.items()}
+    clean = {k: to_plain(v) for k, v in record.items()}
     with open(self.path, "a") as f:
       f.write(json.dumps(clean) + "\n")
+
+
+def to_plain(value):
+  """JSON-ready: scalars as floats, vectors (e.g. per-expert load) as lists."""
+  if isinstance(value, (bool, int)):
+    return value
+  if isinstance(value, (np.ndarray, np.generic, jax.Array, float, int)):
+    array = np.asarray(value)
+    return float(array) if array.ndim == 0 else array.tolist()
+  return value
 
 
 def read_metrics(workdir: str) -> list[dict]:
