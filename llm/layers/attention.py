@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from llm.config import ModelConfig
 from llm.layers.linear import Linear
-from llm.layers.position import alibi_bias, apply_rope
+from llm.layers.position import alibi_bias, apply_rope, relative_bias
 
 _NEG_INF = -1e30  # finite, so a fully masked row gives a uniform (not NaN) softmax
 
@@ -79,7 +79,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, decode: bool = False,
-               deterministic: bool = True, causal: bool = True, bias_BNTS=None, prefix_BT=None):
+               deterministic: bool = True, causal: bool = True, bias_BNTS=None, prefix_BT=None,
+               rel_table_KN=None):
     cfg = self.cfg
     n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
     proj = lambda features, axes, name, in_dims=1: Linear(
@@ -104,6 +105,12 @@ class Attention(nn.Module):
       else:
         mask_BTS = (causal_segment_mask if causal else segment_mask)(segment_ids_BT)
 
+    if rel_table_KN is not None:  # T5: keys at cache slots (decode) or their positions
+      k_pos_BS = (jnp.broadcast_to(jnp.arange(k_BSKH.shape[1]), (x_BTD.shape[0], k_BSKH.shape[1]))
+                  if decode else positions_BT)
+      rel_BNTS = relative_bias(rel_table_KN, positions_BT, k_pos_BS, not causal,
+                               cfg.relative_max_distance)
+      bias_BNTS = rel_BNTS if bias_BNTS is None else bias_BNTS + rel_BNTS
     if cfg.positions == "alibi":
       alibi_1NTS = alibi_bias(n, k_BSKH.shape[1])
       bias_BNTS = alibi_1NTS if bias_BNTS is None else bias_BNTS + alibi_1NTS
@@ -133,3 +140,40 @@ class Attention(nn.Module):
     causal_TS = jnp.arange(s)[None, :] <= slot_T[:, None]
     mask_BTS = causal_TS[None] & valid.value[:, None, :]
     return key.value, value.value, mask_BTS
+
+
+class CrossAttention(nn.Module):
+  """Decoder-to-encoder attention. In decoding, keys and values of the encoder output
+  are computed on the first (prefill) call, kept in the cache, and reused every step."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, encoded_BSD, mask_BTS, decode: bool = False,
+               deterministic: bool = True):
+    cfg = self.cfg
+    n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    proj = lambda features, axes, name, in_dims=1: Linear(
+        features, axes, in_dims=in_dims, use_bias=cfg.use_bias, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, init_std=cfg.init_std, name=name)
+    q_BTNH = proj((n, h), ("embed", "heads", "head_dim"), "query")(x_BTD)
+    key_proj = proj((k, h), ("embed", "kv_heads", "head_dim"), "key")
+    value_proj = proj((k, h), ("embed", "kv_heads", "head_dim"), "value")
+    if encoded_BSD is not None:
+      k_BSKH, v_BSKH = key_proj(encoded_BSD), value_proj(encoded_BSD)
+      if decode:
+        self.variable("cache", "cross_key", lambda: k_BSKH).value = k_BSKH
+        self.variable("cache", "cross_value", lambda: v_BSKH).value = v_BSKH
+    else:  # decode step: reuse the cached projections of the encoder output
+      k_BSKH = self.get_variable("cache", "cross_key")
+      v_BSKH = self.get_variable("cache", "cross_value")
+    out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, None,
+                                     cfg.scale_attention)
+    out_BTNH = nn.Dropout(cfg.dropout)(out_BTNH, deterministic=deterministic)
+    return proj((cfg.d_model,), ("heads", "head_dim", "embed"), "out", in_dims=2)(out_BTNH)
+
+
+def cross_mask(q_segment_ids_BT: jax.Array, kv_segment_ids_BS: jax.Array) -> jax.Array:
+  """Decoder token t sees encoder token s of the same packed example, never padding."""
+  same_BTS = q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
+  return same_BTS & (kv_segment_ids_BS[:, None, :] != 0)

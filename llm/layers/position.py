@@ -44,3 +44,31 @@ def alibi_bias(num_heads: int, key_len: int) -> jax.Array:
   """bias_1NTS = slope_n * s. Softmax ignores per-query constants, so this equals the
   usual -slope * (t - s) and needs no query positions (works for packing and caches)."""
   return (alibi_slopes(num_heads)[:, None, None] * jnp.arange(key_len, dtype=jnp.float32))[None]
+
+
+def relative_position_bucket(relative_TS: jax.Array, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> jax.Array:
+  """T5's buckets for relative = key_pos - query_pos: exact for small distances,
+  logarithmic up to max_distance, shared beyond; directions apart if bidirectional."""
+  bucket = jnp.zeros_like(relative_TS)
+  if bidirectional:
+    num_buckets //= 2
+    bucket = bucket + (relative_TS > 0).astype(relative_TS.dtype) * num_buckets
+    distance = jnp.abs(relative_TS)
+  else:
+    distance = -jnp.minimum(relative_TS, 0)
+  max_exact = num_buckets // 2
+  large = max_exact + (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+                       / math.log(max_distance / max_exact)
+                       * (num_buckets - max_exact)).astype(relative_TS.dtype)
+  large = jnp.minimum(large, num_buckets - 1)
+  return bucket + jnp.where(distance < max_exact, distance, large)
+
+
+def relative_bias(table_KN: jax.Array, q_positions_BT: jax.Array, k_positions_BS: jax.Array,
+                  bidirectional: bool, max_distance: int) -> jax.Array:
+  """bias_BNTS looked up from the (buckets, heads) table of learned T5 biases."""
+  relative_BTS = k_positions_BS[:, None, :] - q_positions_BT[:, :, None]
+  buckets_BTS = relative_position_bucket(relative_BTS, bidirectional, table_KN.shape[0],
+                                         max_distance)
+  return jnp.take(table_KN, buckets_BTS, axis=0).transpose(0, 3, 1, 2).astype(jnp.float32)

@@ -8,6 +8,7 @@ from llm.config import ModelConfig
 from llm.layers.moe import STATS, collect_moe_stats
 from llm.models.decoder import Decoder
 from llm.models.encoder import Encoder, mean_pool
+from llm.models.encoder_decoder import EncoderDecoder
 
 
 def build(cfg: ModelConfig, num_labels: int = 0) -> nn.Module:
@@ -15,8 +16,7 @@ def build(cfg: ModelConfig, num_labels: int = 0) -> nn.Module:
     return Decoder(cfg)
   if cfg.family == "encoder":
     return Encoder(cfg, num_labels=num_labels)
-  raise NotImplementedError(
-      f"config.model.family={cfg.family!r} is not built yet; use 'decoder' or 'encoder'")
+  return EncoderDecoder(cfg)
 
 
 def make_forward(module: nn.Module):

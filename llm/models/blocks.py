@@ -39,11 +39,11 @@ class Block(nn.Module):
   moe: bool = False  # the MLP is a mixture of experts
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, prefix_BT=None):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, prefix_BT=None, rel_table_KN=None):
     cfg = self.cfg
     attention = lambda h: Attention(cfg, name="attn")(
         h, positions_BT, segment_ids_BT, decode=self.decode, deterministic=self.deterministic,
-        causal=self.causal, prefix_BT=prefix_BT)
+        causal=self.causal, prefix_BT=prefix_BT, rel_table_KN=rel_table_KN)
     if self.moe:
       mlp = lambda h: MoE(cfg, name="moe")(h, self.deterministic, segment_ids_BT != 0)
     else:
@@ -65,9 +65,10 @@ def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
   return cfg.moe.num_experts > 0 and (i + 1) % cfg.moe.every == 0
 
 
-def block_stack(block_cls, cfg: ModelConfig, **block_kwargs):
+def block_stack(block_cls, cfg: ModelConfig, num_args: int = 3, **block_kwargs):
   """Returns a callable applying cfg.num_layers blocks, scanned and rematerialized per cfg.
 
+  `num_args` is the number of arguments after x that every block receives unchanged.
   Scanned stacks need identical layers, so with MoE they are all MoE (moe.every == 1;
   config validation enforces it); unscanned stacks place MoE every moe.every layers.
   """
@@ -77,7 +78,7 @@ def block_stack(block_cls, cfg: ModelConfig, **block_kwargs):
   if cfg.scan_layers:
     scanned = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0, STATS: 0},
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      in_axes=(nn.broadcast,) * num_args, length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     stack = scanned(cfg, **block_kwargs, moe=is_moe_layer(cfg, 0), name="layers")
     return lambda x, *args: stack(x, *args)[0]

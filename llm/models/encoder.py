@@ -58,7 +58,7 @@ class Encoder(nn.Module):
       x_BTD = make_norm(cfg, "embed_norm")(x_BTD)
     x_BTD = self.perturb("embedded", x_BTD)
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
-    stack = block_stack(Block, cfg, causal=False, deterministic=deterministic)
+    stack = block_stack(Block, cfg, num_args=3, causal=False, deterministic=deterministic)
     hidden_BTD = stack(x_BTD, positions_BT, segment_ids_BT, None)
     if not cfg.post_norm:  # pre-norm stacks end with a norm; post-norm ones already did
       hidden_BTD = make_norm(cfg, "final_norm")(hidden_BTD)

@@ -1,0 +1,151 @@
+"""Encoder-decoder transformer (T5 / BART): a bidirectional encoder, and a causal decoder
+that also attends to the encoder output.
+
+T5: pre-norm RMSNorm without bias, relative-position biases (one learned table per
+stack, shared by its layers), no attention scaling, gated GELU in v1.1.
+BART: post-norm LayerNorm, learned positions offset by 2, a norm on the embeddings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm.config import ModelConfig
+from llm.layers.attention import Attention, CrossAttention, cross_mask
+from llm.layers.linear import Linear, logical_init
+from llm.layers.mlp import MLP
+from llm.layers.moe import MoE
+from llm.models.blocks import Block, Embed, block_stack, default_positions, make_norm
+
+
+class EncDecBlock(nn.Module):
+  """Decoder block: self-attention, cross-attention, MLP (each pre- or post-norm)."""
+
+  cfg: ModelConfig
+  decode: bool = False
+  deterministic: bool = True
+  moe: bool = False
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, rel_table_KN, encoded_BSD,
+               cross_mask_BTS):
+    cfg = self.cfg
+    sublayers = (
+        (lambda h: Attention(cfg, name="attn")(h, positions_BT, segment_ids_BT,
+                                               decode=self.decode,
+                                               deterministic=self.deterministic,
+                                               rel_table_KN=rel_table_KN), "attn_norm"),
+        (lambda h: CrossAttention(cfg, name="cross")(h, encoded_BSD, cross_mask_BTS,
+                                                     decode=self.decode,
+                                                     deterministic=self.deterministic),
+         "cross_norm"),
+        (lambda h: (MoE(cfg, name="moe")(h, self.deterministic, segment_ids_BT != 0) if self.moe
+                    else MLP(cfg, name="mlp")(h, self.deterministic)), "mlp_norm"))
+    for sublayer, norm_name in sublayers:
+      norm = make_norm(cfg, norm_name)
+      if cfg.post_norm:
+        x_BTD = norm(x_BTD + self._dropout(sublayer(x_BTD)))
+      else:
+        x_BTD = x_BTD + self._dropout(sublayer(norm(x_BTD)))
+    return x_BTD, None
+
+  def _dropout(self, h):
+    return nn.Dropout(self.cfg.dropout)(h, deterministic=self.deterministic)
+
+
+class Stack(nn.Module):
+  """Embeds tokens (shared table), runs the blocks, applies the final norm."""
+
+  cfg: ModelConfig
+  embed: Embed
+  is_decoder: bool = False
+
+  @nn.compact
+  def __call__(self, tokens_BT, positions_BT, segment_ids_BT, encoded_BSD=None,
+               cross_mask_BTS=None, decode: bool = False, deterministic: bool = True):
+    cfg = self.cfg
+    x_BTD = self.embed(tokens_BT)
+    if cfg.positions == "learned":
+      x_BTD = x_BTD + Embed(cfg.max_len + cfg.position_offset, cfg.d_model, axes=(None, "embed"),
+                            dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                            init_std=cfg.init_std, name="pos_embed")(
+                                positions_BT + cfg.position_offset)
+    if cfg.embed_norm:
+      x_BTD = make_norm(cfg, "embed_norm")(x_BTD)
+    x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
+    rel_table_KN = None
+    if cfg.positions == "relative":
+      rel_table_KN = self.param("rel_bias", logical_init(nn.initializers.normal(cfg.init_std),
+                                                         (None, "heads")),
+                                (cfg.relative_buckets, cfg.num_heads), jnp.float32)
+    if self.is_decoder:
+      layers_cfg = dataclasses.replace(cfg, num_layers=cfg.num_decoder_layers or cfg.num_layers)
+      stack = block_stack(EncDecBlock, layers_cfg, num_args=5, decode=decode,
+                          deterministic=deterministic)
+      x_BTD = stack(x_BTD, positions_BT, segment_ids_BT, rel_table_KN, encoded_BSD,
+                    cross_mask_BTS)
+    else:
+      stack = block_stack(Block, cfg, num_args=4, causal=False, deterministic=deterministic)
+      x_BTD = stack(x_BTD, positions_BT, segment_ids_BT, None, rel_table_KN)
+    if not cfg.post_norm:
+      x_BTD = make_norm(cfg, "final_norm")(x_BTD)
+    return nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
+
+
+class EncoderDecoder(nn.Module):
+  """(encoder tokens (B, S), decoder tokens (B, T)) -> logits (B, T, V) in float32.
+
+  `encode` and `decode` are separate methods so generation runs the encoder once.
+  """
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+                       param_dtype=cfg.param_dtype, init_std=cfg.init_std)
+    self.encoder = Stack(cfg, self.embed, is_decoder=False)
+    self.decoder = Stack(cfg, self.embed, is_decoder=True)
+    if not cfg.tie_embeddings:
+      self.lm_head = Linear((cfg.vocab_size,), ("embed", "vocab"), dtype=cfg.dtype,
+                            param_dtype=cfg.param_dtype, init_std=cfg.init_std)
+
+  def __call__(self, encoder_tokens_BS, decoder_tokens_BT, encoder_segment_ids_BS=None,
+               decoder_positions_BT=None, decoder_segment_ids_BT=None, decode: bool = False,
+               deterministic: bool = True):
+    if encoder_segment_ids_BS is None:
+      encoder_segment_ids_BS = (encoder_tokens_BS != 0).astype(jnp.int32)
+    encoded_BSD = self.encode(encoder_tokens_BS, encoder_segment_ids_BS, deterministic)
+    return self.decode(decoder_tokens_BT, encoded_BSD, encoder_segment_ids_BS,
+                       decoder_positions_BT, decoder_segment_ids_BT, decode, deterministic)
+
+  def encode(self, tokens_BS, segment_ids_BS, deterministic: bool = True):
+    return self.encoder(tokens_BS, default_positions(segment_ids_BS), segment_ids_BS,
+                        deterministic=deterministic)
+
+  def decode(self, tokens_BT, encoded_BSD, encoder_segment_ids_BS, positions_BT=None,
+             segment_ids_BT=None, decode: bool = False, deterministic: bool = True):
+    """Decoder logits. With decode=True, `encoded_BSD` may be None after the first call
+    (the cross-attention keys/values are then read from the cache)."""
+    cfg = self.cfg
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones_like(tokens_BT)
+    if positions_BT is None:
+      positions_BT = default_positions(segment_ids_BT)
+    # Unpacked decoding: every decoder token belongs to its row's (segment 1) example.
+    cross_BTS = cross_mask(jnp.where(segment_ids_BT != 0, segment_ids_BT, -1)
+                           if not decode else jnp.ones_like(segment_ids_BT),
+                           encoder_segment_ids_BS)
+    h_BTD = self.decoder(tokens_BT, positions_BT, segment_ids_BT, encoded_BSD, cross_BTS,
+                         decode=decode, deterministic=deterministic)
+    if cfg.tie_embeddings:
+      if cfg.positions == "relative":  # T5 v1.0 rescales before the tied projection
+        h_BTD = h_BTD * cfg.d_model ** -0.5
+      logits_BTV = self.embed.attend(h_BTD)
+    else:
+      logits_BTV = self.lm_head(h_BTD)
+    return logits_BTV.astype(jnp.float32)
