@@ -5,8 +5,8 @@
   save_pretrained(cfg, params, out_dir)            # config.json + model.safetensors
   cfg, params = load_pretrained(out_dir)           # safetensors read directly, no torch
 
-Families: decoders gpt2, llama; encoders bert, roberta (llm/convert/bert.py, which also
-says which heads a converted encoder carries).
+Families: decoders gpt2, llama, bloom (ALiBi), mixtral (MoE); encoders bert, roberta
+(llm/convert/bert.py, which also says which heads a converted encoder carries).
 
 Params come back as plain nested dicts of float32 numpy arrays (the tree
 `nn.unbox(module.init(...))["params"]` has), left on the host so callers can shard them
@@ -22,18 +22,22 @@ import os
 from typing import Any
 
 from llm.config import ModelConfig
-from llm.convert import bert, gpt2, llama
+from llm.convert import bert, bloom, gpt2, llama, mixtral
 from llm.convert.common import (ConversionError, numpy_state_to_torch, params_to_numpy,
                                 read_safetensors_dir, require, torch_state_to_numpy)
 
-# model_type -> family module (or object with the same functions); add T5, BART, BLOOM,
-# Mixtral here as files appear. A family may also define:
+# model_type -> family module (or object with the same functions); add T5, BART here as
+# files appear. Order is to_transformers' preference among families that express a config.
+# A family may also define:
 #   LLM_FAMILY                 the ModelConfig.family it converts ("decoder" if absent);
 #   hf_model(cfg, state)       the HF model to load `state` into, when the class depends on
 #                              which heads the params hold (default: model_class()(config));
-#   model_class_for(hf_config) the class a torch-only checkpoint is read with.
+#   model_class_for(hf_config) the class a torch-only checkpoint is read with;
+#   SUPPORTS_MOE = True        it maps MoE layers (any other family is refused an MoE config
+#                              here, so dense families need not check cfg.moe themselves).
 FAMILIES = {gpt2.MODEL_TYPE: gpt2, llama.MODEL_TYPE: llama, bert.BERT.MODEL_TYPE: bert.BERT,
-            bert.ROBERTA.MODEL_TYPE: bert.ROBERTA}
+            bert.ROBERTA.MODEL_TYPE: bert.ROBERTA, bloom.MODEL_TYPE: bloom,
+            mixtral.MODEL_TYPE: mixtral}
 
 __all__ = ["ConversionError", "FAMILIES", "from_transformers", "load_pretrained",
            "save_pretrained", "to_transformers"]
@@ -76,6 +80,12 @@ def _llm_family(family) -> str:
   return getattr(family, "LLM_FAMILY", "decoder")
 
 
+def _hf_problems(family, cfg: ModelConfig) -> list[str]:
+  moe = [] if getattr(family, "SUPPORTS_MOE", False) or not cfg.moe.num_experts else [
+      f"moe.num_experts={cfg.moe.num_experts} (a dense family; MoE exports as mixtral)"]
+  return moe + family.hf_problems(cfg)
+
+
 def _pick_family(cfg: ModelConfig, model_type: str | None):
   candidates = {name: f for name, f in FAMILIES.items() if _llm_family(f) == cfg.family}
   require(bool(candidates), f"config.model.family={cfg.family!r}: only "
@@ -85,12 +95,12 @@ def _pick_family(cfg: ModelConfig, model_type: str | None):
     family = _family(model_type)
     require(_llm_family(family) == cfg.family, f"{model_type} is a {_llm_family(family)} "
             f"family; config.model.family={cfg.family!r}")
-    problems = family.hf_problems(cfg)
+    problems = _hf_problems(family, cfg)
     require(not problems, f"{model_type} cannot express config.model: {'; '.join(problems)}")
     return family
   reasons = {}
   for name, family in candidates.items():
-    reasons[name] = family.hf_problems(cfg)
+    reasons[name] = _hf_problems(family, cfg)
     if not reasons[name]:
       return family
   raise ConversionError("no transformers family expresses config.model: " + " | ".join(

@@ -153,3 +153,34 @@ def fill_missing(params: Params, defaults: Params) -> Params:
   for key, value in defaults.items():
     out[key] = fill_missing(params[key], value) if key in params else value
   return out
+
+
+# torch nn.Linear <-> llm Linear. torch stores (out, in); our kernels are (in..., out...).
+
+def linear_from_torch(get, name: str, in_shape: tuple, out_shape: tuple,
+                      bias: bool) -> Params:
+  """Kernel (in_shape + out_shape) [and bias (out_shape)] from `name`.weight [/ .bias]."""
+  p = {"kernel": get(f"{name}.weight").T.reshape(*in_shape, *out_shape)}
+  if bias:
+    p["bias"] = get(f"{name}.bias").reshape(out_shape)
+  return p
+
+
+def linear_to_torch(name: str, p: Params, size_in: int, size_out: int) -> State:
+  """`name`.weight (size_out, size_in) [and .bias] from an llm Linear's params."""
+  state = {f"{name}.weight": p["kernel"].reshape(size_in, size_out).T}
+  if "bias" in p:
+    state[f"{name}.bias"] = p["bias"].reshape(size_out)
+  return state
+
+
+def default_rope_theta(hf_config: Any, model_type: str) -> float:
+  """rope_theta from `rope_parameters` (transformers 5) or the older flat fields; raises
+  for any rope_type but "default" (llm RoPE has no frequency scaling)."""
+  rope = dict(hf_field(hf_config, "rope_parameters") or hf_field(hf_config, "rope_scaling")
+              or {})
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  require(kind == "default", f"{model_type} config.rope_parameters (rope_scaling) "
+          f"rope_type={kind!r} is not supported: llm RoPE has no frequency scaling "
+          "(only 'default')")
+  return float(rope.get("rope_theta", hf_field(hf_config, "rope_theta", 10000.0)))

@@ -122,15 +122,21 @@ def default_positions(segment_ids_BT: jax.Array) -> jax.Array:
 
 
 def unscanned(module: nn.Module, params: dict):
-  """The same model with per-layer params ("layers_i") instead of one stacked tree.
+  """The same model with per-layer params ("layers_i") instead of stacked trees.
 
   Decoding reads every weight once per token; from stacked params XLA copies each
   layer's slice out of the stack before using it, which costs a ~25% slower decode.
   """
   if not module.cfg.scan_layers:
     return module, params
-  cfg = dataclasses.replace(module.cfg, scan_layers=False)
-  flat = {k: v for k, v in params.items() if k != "layers"}
-  for i in range(cfg.num_layers):
-    flat[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params["layers"])
-  return module.clone(cfg=cfg), flat
+
+  def split(tree):
+    if not isinstance(tree, dict):
+      return tree
+    out = {k: split(v) for k, v in tree.items() if k != "layers"}
+    if "layers" in tree:
+      stacked = tree["layers"]
+      for i in range(jax.tree_util.tree_leaves(stacked)[0].shape[0]):
+        out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+    return out
+  return module.clone(cfg=dataclasses.replace(module.cfg, scan_layers=False)), split(params)
