@@ -92,7 +92,7 @@ class DataConfig:
   num_sentinels: int = 100  # ids reserved for span-corruption sentinels
   max_documents: int = 0  # 0 = all
   shuffle_seed: int = 0
-  objective: str = "clm"  # clm | mlm | prefix_lm
+  objective: str = "clm"  # clm | mlm | prefix_lm | span (T5 span corruption)
   mlm_probability: float = 0.15  # share of tokens selected for the MLM loss
   mlm_mask_ratio: float = 0.8  # of those: replaced by <mask>
   mlm_random_ratio: float = 0.1  # replaced by a random token (the rest are kept)
@@ -150,7 +150,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),
-    "data.objective": ("clm", "mlm", "prefix_lm"),
+    "data.objective": ("clm", "mlm", "prefix_lm", "span"),
 }
 
 
@@ -244,7 +244,8 @@ def validate(cfg: Config) -> Config:
            f"config.data.noise_density={d.noise_density}: must be in (0, 1)")
   _require(d.mean_span_length >= 1.0,
            f"config.data.mean_span_length={d.mean_span_length}: must be >= 1")
-  wants = {"mlm": "encoder", "clm": "decoder", "prefix_lm": "decoder"}[d.objective]
+  wants = {"mlm": "encoder", "clm": "decoder", "prefix_lm": "decoder",
+           "span": "encoder_decoder"}[d.objective]
   _require(cfg.model.family == wants,
            f"config.data.objective={d.objective!r} trains a {wants} model, but "
            f"config.model.family={cfg.model.family!r}; change one of them")

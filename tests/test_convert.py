@@ -175,7 +175,7 @@ def _tiny_distilbert():
 def test_unsupported_model_type(tmp_path):
   model = _tiny_distilbert()
   match = (r"model_type='distilbert' is not supported; supported model types: "
-           r"gpt2, llama, bert, roberta, bloom, mixtral")
+           r"gpt2, llama, bert, roberta, bloom, mixtral, t5, bart")
   with pytest.raises(ValueError, match=match):
     from_transformers(model)
   model.save_pretrained(tmp_path)

@@ -22,6 +22,7 @@ from llm.convert import (from_transformers, load_pretrained, save_pretrained,
                          to_transformers)
 from llm.convert import mixtral as mixtral_family
 from llm.convert.common import torch_state_to_numpy
+from llm.layers.moe import collect_moe_stats
 from llm.layers.position import alibi_slopes
 from llm.models import build
 
@@ -183,40 +184,40 @@ def test_bloom_pretraining_tp_without_slow_but_exact_is_plain(tokens):
                              atol=ATOL, rtol=0)
 
 
-def test_mixtral_per_expert_state_layout(case, tokens):
+@pytest.fixture(scope="module")
+def mixtral():
+  """(HF Mixtral, cfg, params) with the same weights as the "mixtral" case."""
+  torch.manual_seed(0)
+  model = _randomize(CASES["mixtral"](), seed=1)
+  return (model, *from_transformers(model))
+
+
+def test_mixtral_per_expert_state_layout(mixtral):
   """transformers 4 / on-disk names (block_sparse_moe.experts.{e}.w1/w3/w2) read the same."""
-  name, model, want = case
-  if name != "mixtral":
-    pytest.skip("mixtral only")
-  state = torch_state_to_numpy(model.state_dict())
+  model, cfg, params = mixtral
   legacy = {}
-  for key, value in state.items():
-    if ".mlp.experts.gate_up_proj" in key:
-      p = key.replace(".mlp.experts.gate_up_proj", ".block_sparse_moe.experts")
+  for key, value in torch_state_to_numpy(model.state_dict()).items():
+    p = key.replace(".mlp.experts.gate_up_proj", "").replace(".mlp.experts.down_proj", "")
+    p += ".block_sparse_moe.experts"
+    if key.endswith(".mlp.experts.gate_up_proj"):  # (E, 2F, D) = [w1; w3]
       f = value.shape[1] // 2
       for e in range(value.shape[0]):
         legacy[f"{p}.{e}.w1.weight"], legacy[f"{p}.{e}.w3.weight"] = value[e, :f], value[e, f:]
-    elif ".mlp.experts.down_proj" in key:
-      p = key.replace(".mlp.experts.down_proj", ".block_sparse_moe.experts")
+    elif key.endswith(".mlp.experts.down_proj"):  # (E, D, F)
       for e in range(value.shape[0]):
         legacy[f"{p}.{e}.w2.weight"] = value[e]
     else:
       legacy[key.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = value
-  cfg, params = from_transformers(model)
+  assert not any(".mlp." in k for k in legacy)
   from_legacy = mixtral_family.params_from_hf(legacy, cfg)
   jax.tree_util.tree_map(np.testing.assert_array_equal, from_legacy, params)
 
 
-def test_mixtral_routes_without_drops(case, tokens):
+def test_mixtral_routes_without_drops(mixtral, tokens):
   """capacity_factor = E / k gives every expert the whole row: HF never drops either."""
-  name, model, _ = case
-  if name != "mixtral":
-    pytest.skip("mixtral only")
-  cfg, params = from_transformers(model)
-  _, state = build(cfg).apply({"params": params}, jnp.asarray(tokens), mutable=["moe_stats"])
-  dropped = jax.tree_util.tree_leaves(state["moe_stats"])
-  assert dropped and all(float(jnp.max(jnp.asarray(x))) >= 0 for x in dropped)
-  from llm.layers.moe import collect_moe_stats
+  _, cfg, params = mixtral
+  apply = jax.jit(functools.partial(build(cfg).apply, mutable=["moe_stats"]))
+  _, state = apply({"params": params}, jnp.asarray(tokens))
   assert float(collect_moe_stats(state["moe_stats"])["dropped_fraction"]) == 0.0
 
 

@@ -57,3 +57,16 @@ def test_bad_flags_fail_with_one_line(trained):
   result = _run("experiments.pretrain_clm", "--workdir", workdir, "--config.model.foo=1",
                 cache=cache)
   assert result.returncode != 0 and "foo" in result.stderr
+
+
+@pytest.mark.parametrize("module, config", [("experiments.pretrain_mlm", "configs/bert.py:tiny"),
+                                            ("experiments.pretrain_t5", "configs/t5.py:tiny")])
+def test_other_families_two_steps(module, config, tmp_path):
+  extra = ["--config.model.num_decoder_layers=1"] if "t5" in config else []
+  result = _run(module, "--config", config, "--workdir", str(tmp_path / "run"),
+                "--config.train.steps=2", *[f for f in TINY if "max_documents" not in f
+                                            and "num_samples" not in f], *extra,
+                "--config.data.max_documents=400", cache=str(tmp_path / "cache"))
+  assert result.returncode == 0, result.stderr[-2000:]
+  summary = json.loads(next(l for l in result.stdout.splitlines() if l.startswith("{")))
+  assert summary["step"] == 2

@@ -6,7 +6,8 @@
   cfg, params = load_pretrained(out_dir)           # safetensors read directly, no torch
 
 Families: decoders gpt2, llama, bloom (ALiBi), mixtral (MoE); encoders bert, roberta
-(llm/convert/bert.py, which also says which heads a converted encoder carries).
+(llm/convert/bert.py, which also says which heads a converted encoder carries);
+encoder-decoders t5 (v1.0 and v1.1), bart (llm/convert/t5.py, bart.py: LM heads, padding).
 
 Params come back as plain nested dicts of float32 numpy arrays (the tree
 `nn.unbox(module.init(...))["params"]` has), left on the host so callers can shard them
@@ -22,12 +23,12 @@ import os
 from typing import Any
 
 from llm.config import ModelConfig
-from llm.convert import bert, bloom, gpt2, llama, mixtral
+from llm.convert import bart, bert, bloom, gpt2, llama, mixtral, t5
 from llm.convert.common import (ConversionError, numpy_state_to_torch, params_to_numpy,
                                 read_safetensors_dir, require, torch_state_to_numpy)
 
-# model_type -> family module (or object with the same functions); add T5, BART here as
-# files appear. Order is to_transformers' preference among families that express a config.
+# model_type -> family module (or object with the same functions). Order is
+# to_transformers' preference among families that express a config.
 # A family may also define:
 #   LLM_FAMILY                 the ModelConfig.family it converts ("decoder" if absent);
 #   hf_model(cfg, state)       the HF model to load `state` into, when the class depends on
@@ -37,7 +38,7 @@ from llm.convert.common import (ConversionError, numpy_state_to_torch, params_to
 #                              here, so dense families need not check cfg.moe themselves).
 FAMILIES = {gpt2.MODEL_TYPE: gpt2, llama.MODEL_TYPE: llama, bert.BERT.MODEL_TYPE: bert.BERT,
             bert.ROBERTA.MODEL_TYPE: bert.ROBERTA, bloom.MODEL_TYPE: bloom,
-            mixtral.MODEL_TYPE: mixtral}
+            mixtral.MODEL_TYPE: mixtral, t5.MODEL_TYPE: t5, bart.MODEL_TYPE: bart}
 
 __all__ = ["ConversionError", "FAMILIES", "from_transformers", "load_pretrained",
            "save_pretrained", "to_transformers"]

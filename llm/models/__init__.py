@@ -19,6 +19,13 @@ def build(cfg: ModelConfig, num_labels: int = 0) -> nn.Module:
   return EncoderDecoder(cfg)
 
 
+def init_args(cfg: ModelConfig, batch: dict) -> tuple:
+  """The positional inputs `module.init` needs for this family, taken from a batch."""
+  if cfg.family == "encoder_decoder":
+    return batch["encoder_inputs"], batch["inputs"]
+  return (batch["inputs"],)
+
+
 def make_forward(module: nn.Module):
   """(params, batch, rng|None) -> (logits_BTV, aux_losses): the train step's view of a model.
 
@@ -30,12 +37,18 @@ def make_forward(module: nn.Module):
 
   def forward(params, batch, rng):
     deterministic = rng is None or cfg.dropout == 0.0
-    extra = {"output": "mlm"} if cfg.family == "encoder" else (
-        {"prefix_BT": batch["prefix"]} if "prefix" in batch else {})
-    logits, mutated = module.apply(
-        {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
-        deterministic=deterministic, rngs=None if deterministic else {"dropout": rng},
-        mutable=[STATS], **extra)
+    rngs = None if deterministic else {"dropout": rng}
+    if cfg.family == "encoder_decoder":
+      logits, mutated = module.apply(
+          {"params": params}, batch["encoder_inputs"], batch["inputs"],
+          batch["encoder_segment_ids"], batch.get("positions"), batch.get("segment_ids"),
+          deterministic=deterministic, rngs=rngs, mutable=[STATS])
+    else:
+      extra = {"output": "mlm"} if cfg.family == "encoder" else (
+          {"prefix_BT": batch["prefix"]} if "prefix" in batch else {})
+      logits, mutated = module.apply(
+          {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
+          deterministic=deterministic, rngs=rngs, mutable=[STATS], **extra)
     stats = collect_moe_stats(mutated.get(STATS, {}))
     if not stats:
       return logits, {}

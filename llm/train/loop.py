@@ -33,7 +33,8 @@ def example_batch(cfg: Config, batch_size: int | None = None) -> dict:
   shape = (batch_size or cfg.data.batch_size, cfg.data.seq_len)
   return {"inputs": jnp.zeros(shape, jnp.int32), "targets": jnp.zeros(shape, jnp.int32),
           "segment_ids": jnp.ones(shape, jnp.int32), "positions": jnp.zeros(shape, jnp.int32),
-          "weights": jnp.ones(shape, jnp.float32)}
+          "weights": jnp.ones(shape, jnp.float32), "encoder_inputs": jnp.zeros(shape, jnp.int32),
+          "encoder_segment_ids": jnp.ones(shape, jnp.int32)}
 
 
 def create_state(cfg: Config, mesh):

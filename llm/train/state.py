@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from llm.models import init_args
+
 
 @struct.dataclass
 class TrainState:
@@ -36,7 +38,7 @@ def init_state(module: nn.Module, forward, tx, example_batch: dict, seed: int,
   """Initializes params and optimizer state. `boxed` keeps logical-axis metadata."""
   rng = jax.random.PRNGKey(seed)
   init_rng, state_rng = jax.random.split(rng)
-  variables = module.init(init_rng, example_batch["inputs"])
+  variables = module.init(init_rng, *init_args(module.cfg, example_batch))
   params = variables["params"] if boxed else nn.unbox(variables["params"])
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=state_rng, forward=forward, tx=tx, microbatches=microbatches)
