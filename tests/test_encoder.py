@@ -85,3 +85,19 @@ def test_mixtral_shaped_config_has_mixtrals_parameter_count():
   cfg, counts = _param_count(moe_configs.get_config("mixtral"))
   assert sum(counts.values()) == 46_702_792_704  # Mixtral-8x7B (HF MixtralForCausalLM)
   assert scaling.param_count(cfg, active=True) + cfg.vocab_size * cfg.d_model * 2 > 12.8e9
+
+
+def test_sequence_longer_than_the_position_table_is_refused():
+  module, params = model_and_params(**BERT_TINY)
+  with pytest.raises(ValueError, match="exceeds config.model.max_len=32"):
+    module.apply({"params": params}, np.ones((1, 40), np.int32), output="hidden")
+
+
+def test_checkpoint_of_another_family_is_refused(tmp_path):
+  from llm.train import checkpoint as ckpt
+  decoder_cfg = config_lib.from_configdict({"model": GPT_TINY, "data": {"seq_len": 16}})
+  ckpt.write_or_check_config(str(tmp_path), decoder_cfg)
+  encoder_cfg = config_lib.from_configdict({"model": BERT_TINY,
+                                            "data": {"objective": "mlm", "seq_len": 16}})
+  with pytest.raises(config_lib.ConfigError, match="model.family: 'decoder' in workdir"):
+    ckpt.write_or_check_config(str(tmp_path), encoder_cfg)

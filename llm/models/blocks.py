@@ -140,3 +140,11 @@ def unscanned(module: nn.Module, params: dict):
         out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
     return out
   return module.clone(cfg=dataclasses.replace(module.cfg, scan_layers=False)), split(params)
+
+
+def check_length(cfg: ModelConfig, length: int, what: str = "sequence") -> None:
+  """A learned position table has max_len rows; a longer input would silently reuse the
+  last one (jnp.take clamps), so refuse it at trace time."""
+  if cfg.positions == "learned" and length > cfg.max_len:
+    raise ValueError(f"{what} of {length} tokens exceeds config.model.max_len={cfg.max_len} "
+                     "(the position table); shorten it or raise max_len")

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 
 from llm.config import ModelConfig
 from llm.layers.linear import Linear
-from llm.models.blocks import Block, Embed, block_stack, default_positions, make_norm
+from llm.models.blocks import (Block, Embed, block_stack, check_length, default_positions,
+                               make_norm)
 
 class Decoder(nn.Module):
   """tokens (B, T) -> logits (B, T, V) in float32.
@@ -25,6 +26,7 @@ class Decoder(nn.Module):
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, decode: bool = False,
                deterministic: bool = True, prefix_BT=None):
     cfg = self.cfg
+    check_length(cfg, tokens_BT.shape[1])
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones_like(tokens_BT)
     if positions_BT is None:

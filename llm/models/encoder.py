@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from llm.config import ModelConfig
 from llm.layers.linear import Linear, logical_init
 from llm.layers.mlp import _ACTIVATIONS
-from llm.models.blocks import Block, Embed, block_stack, default_positions, make_norm
+from llm.models.blocks import (Block, Embed, block_stack, check_length, default_positions,
+                               make_norm)
 
 OUTPUTS = ("mlm", "hidden", "pooled", "classify")
 
@@ -40,6 +41,7 @@ class Encoder(nn.Module):
     if output not in OUTPUTS:
       raise ValueError(f"output={output!r}: must be one of {', '.join(OUTPUTS)}")
     cfg = self.cfg
+    check_length(cfg, tokens_BT.shape[1])
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones_like(tokens_BT)
     if positions_BT is None:

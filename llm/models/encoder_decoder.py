@@ -19,7 +19,8 @@ from llm.layers.attention import Attention, CrossAttention, cross_mask
 from llm.layers.linear import Linear, logical_init
 from llm.layers.mlp import MLP
 from llm.layers.moe import MoE
-from llm.models.blocks import Block, Embed, block_stack, default_positions, make_norm
+from llm.models.blocks import (Block, Embed, block_stack, check_length, default_positions,
+                               make_norm)
 
 
 class EncDecBlock(nn.Module):
@@ -68,6 +69,7 @@ class Stack(nn.Module):
   def __call__(self, tokens_BT, positions_BT, segment_ids_BT, encoded_BSD=None,
                cross_mask_BTS=None, decode: bool = False, deterministic: bool = True):
     cfg = self.cfg
+    check_length(cfg, tokens_BT.shape[1], "decoder input" if self.is_decoder else "encoder input")
     x_BTD = self.embed(tokens_BT)
     if cfg.positions == "learned":
       x_BTD = x_BTD + Embed(cfg.max_len + cfg.position_offset, cfg.d_model, axes=(None, "embed"),
