@@ -6,6 +6,8 @@ G = N / K query heads per kv head, H head dim, D model dim.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -67,6 +69,11 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None, scal
   return out_BTKGH.reshape(b, t, n, h)
 
 
+def _projection(cfg: ModelConfig, features, axes, name, in_dims=1) -> Linear:
+  return Linear(features, axes, in_dims=in_dims, use_bias=cfg.use_bias, dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype, init_std=cfg.init_std, name=name)
+
+
 class Attention(nn.Module):
   """Self-attention with optional RoPE, GQA, and an autoregressive KV cache.
 
@@ -83,9 +90,7 @@ class Attention(nn.Module):
                rel_table_KN=None):
     cfg = self.cfg
     n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-    proj = lambda features, axes, name, in_dims=1: Linear(
-        features, axes, in_dims=in_dims, use_bias=cfg.use_bias, dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, init_std=cfg.init_std, name=name)
+    proj = functools.partial(_projection, cfg)
     q_BTNH = proj((n, h), ("embed", "heads", "head_dim"), "query")(x_BTD)
     k_BTKH = proj((k, h), ("embed", "kv_heads", "head_dim"), "key")(x_BTD)
     v_BTKH = proj((k, h), ("embed", "kv_heads", "head_dim"), "value")(x_BTD)
@@ -153,9 +158,7 @@ class CrossAttention(nn.Module):
                deterministic: bool = True):
     cfg = self.cfg
     n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-    proj = lambda features, axes, name, in_dims=1: Linear(
-        features, axes, in_dims=in_dims, use_bias=cfg.use_bias, dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, init_std=cfg.init_std, name=name)
+    proj = functools.partial(_projection, cfg)
     q_BTNH = proj((n, h), ("embed", "heads", "head_dim"), "query")(x_BTD)
     key_proj = proj((k, h), ("embed", "kv_heads", "head_dim"), "key")
     value_proj = proj((k, h), ("embed", "kv_heads", "head_dim"), "value")
