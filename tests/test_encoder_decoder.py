@@ -38,11 +38,13 @@ def test_cached_generation_equals_uncached_greedy(overrides):
                          jax.random.PRNGKey(0))
   apply = jax.jit(module.apply)
   for prompt, got in zip(prompts, out):
-    decoded = [0]
-    for _ in range(6):
-      logits = apply({"params": params}, np.array([prompt]), np.array([decoded]))
-      decoded.append(int(np.argmax(logits[0, -1])))
-    assert got == decoded[1:]
+    # Uncached: the whole decoder input each step, at one fixed shape (the decoder is
+    # causal, so the zeros after position i do not change the logits at i).
+    decoded = np.zeros((1, 7), np.int32)
+    for i in range(6):
+      logits = apply({"params": params}, np.array([prompt]), decoded)
+      decoded[0, i + 1] = int(np.argmax(logits[0, i]))
+    assert got == decoded[0, 1:].tolist()
 
 
 @pytest.mark.parametrize("overrides", [T5_TINY, BART_TINY], ids=["t5", "bart"])

@@ -61,10 +61,13 @@ def test_bad_sampling_settings_name_the_field(bad, field):
 
 
 def _greedy_reference(module, params, prompt, n):
-  seq = list(prompt)
-  for _ in range(n):
-    seq.append(int(np.argmax(module.apply({"params": params}, np.array([seq]))[0, -1])))
-  return seq[len(prompt):]
+  """Greedy decoding without a cache: the full sequence each step, at one fixed shape
+  (causal, so the zeros after the last real token do not change its logits)."""
+  seq = np.zeros((1, len(prompt) + n), np.int32)
+  seq[0, :len(prompt)] = prompt
+  for i in range(len(prompt), len(prompt) + n):
+    seq[0, i] = int(np.argmax(module.apply({"params": params}, seq)[0, i - 1]))
+  return seq[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("config", [GPT_TINY, LLAMA_TINY])
