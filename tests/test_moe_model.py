@@ -29,3 +29,25 @@ def test_moe_decoder_trains_and_reports_drops_and_load():
   assert float(metrics["moe_aux_loss"]) > 0
   router = jax.device_get(state.params["layers"]["moe"]["router"]["kernel"])
   assert np.abs(router).sum() > 0
+
+
+def test_moe_every_second_layer_and_in_the_encoder_decoder():
+  import flax.linen as nn
+  from llm.models import build, make_forward
+  dense_then_moe = config_lib.model_from_dict(dict(
+      GPT_TINY, scan_layers=False, moe=dict(num_experts=4, top_k=1, every=2)))
+  params = nn.unbox(jax.jit(build(dense_then_moe).init)(jax.random.PRNGKey(0),
+                                                        np.ones((1, 8), np.int32))["params"])
+  assert "mlp" in params["layers_0"] and "moe" in params["layers_1"]
+  seq2seq = config_lib.model_from_dict(dict(
+      GPT_TINY, family="encoder_decoder", positions="relative", norm="rmsnorm",
+      use_bias=False, scale_attention=False, moe=dict(num_experts=4, top_k=2)))
+  module = build(seq2seq)
+  tokens = np.ones((2, 8), np.int32)
+  params = nn.unbox(jax.jit(module.init)(jax.random.PRNGKey(0), tokens, tokens)["params"])
+  assert "moe" in params["encoder"]["layers"] and "moe" in params["decoder"]["layers"]
+  batch = {"encoder_inputs": tokens, "encoder_segment_ids": tokens, "inputs": tokens}
+  logits, aux = jax.jit(make_forward(module))(params, batch, None)
+  assert logits.shape == (2, 8, 64) and float(aux["moe_aux_loss"]) > 0
+  with __import__("pytest").raises(config_lib.ConfigError, match="moe.every=2"):
+    config_lib.model_from_dict(dict(GPT_TINY, moe=dict(num_experts=4, every=2)))
