@@ -251,10 +251,12 @@ def validate(cfg: Config) -> Config:
            f"config.model.family={cfg.model.family!r}; change one of them")
   _require(t.steps > 0, f"config.train.steps={t.steps}: must be > 0")
   _require(t.microbatches > 0 and d.batch_size % t.microbatches == 0,
-           f"config.train.microbatches={t.microbatches}: must divide data.batch_size={d.batch_size}")
+           f"config.train.microbatches={t.microbatches}: must divide "
+           f"data.batch_size={d.batch_size}")
   _require(t.learning_rate > 0, f"config.train.learning_rate={t.learning_rate}: must be > 0")
   _require(0 <= t.warmup_steps, f"config.train.warmup_steps={t.warmup_steps}: must be >= 0")
-  _require(t.keep_checkpoints > 0, f"config.train.keep_checkpoints={t.keep_checkpoints}: must be > 0")
+  _require(t.keep_checkpoints > 0,
+           f"config.train.keep_checkpoints={t.keep_checkpoints}: must be > 0")
   for axis in ("fsdp", "tensor"):
     _require(getattr(cfg.parallel, axis) > 0, f"config.parallel.{axis}: must be > 0")
   return cfg

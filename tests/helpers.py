@@ -25,7 +25,8 @@ class JittedApply:
 
   def __init__(self, module):
     self.module, self.cfg = module, module.cfg
-    self._apply = jax.jit(module.apply, static_argnames=("decode", "deterministic", "mutable", "output"))
+    self._apply = jax.jit(module.apply,
+                          static_argnames=("decode", "deterministic", "mutable", "output"))
 
   def apply(self, *args, mutable=False, **kwargs):
     mutable = tuple(mutable) if isinstance(mutable, list) else mutable

@@ -16,8 +16,8 @@ class Decoder(nn.Module):
 
   `segment_ids` (0 = padding) keep packed documents apart; `positions` default to the
   count of real tokens before each one. `prefix_BT` (prefix LM) marks tokens that
-  attend bidirectionally within their segment's prefix. With `decode=True` the call appends to the KV
-  cache (see `llm.inference`), so `positions` must then be given explicitly.
+  attend bidirectionally within their segment's prefix. With `decode=True` the call
+  appends to the KV cache (see `llm.inference`), so `positions` must then be given.
   """
 
   cfg: ModelConfig

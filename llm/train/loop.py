@@ -106,9 +106,10 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   bar = _progress_bar(start_step, tcfg.steps, progress)
   try:
     for step in range(start_step + 1, tcfg.steps + 1):
-      state, last = _train_one(step, state, last, batches, make_batch, train_fn, eval_fn, eval_set, mesh,
-                               mgr, writer, lr_at, flops_per_token * dcfg.batch_size * dcfg.seq_len
-                               / (peak * jax.device_count()), cfg, clock)
+      state, last = _train_one(
+          step, state, last, batches, make_batch, train_fn, eval_fn, eval_set, mesh, mgr,
+          writer, lr_at, flops_per_token * dcfg.batch_size * dcfg.seq_len
+          / (peak * jax.device_count()), cfg, clock)
       bar.update(1)
       if "train_loss" in last:
         bar.set_postfix(loss=f"{last['train_loss']:.3f}")
@@ -120,8 +121,8 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   return last
 
 
-def _train_one(step, state, last, batches, make_batch, train_fn, eval_fn, eval_set, mesh, mgr, writer,
-               lr_at, flops_per_step_per_peak, cfg, clock):
+def _train_one(step, state, last, batches, make_batch, train_fn, eval_fn, eval_set, mesh, mgr,
+               writer, lr_at, flops_per_step_per_peak, cfg, clock):
   """One step, plus logging / eval / checkpointing when they fall due.
 
   Steps are dispatched asynchronously, so speed is measured over the window of steps

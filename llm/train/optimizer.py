@@ -19,7 +19,8 @@ def schedule(tcfg: TrainConfig) -> optax.Schedule:
     step = jnp.asarray(step, jnp.float32)
     warm = peak * jnp.minimum(step + 1.0, warmup) / warmup
     frac = jnp.clip((step + 1.0 - warmup) / decay_steps, 0.0, 1.0)
-    cosine = peak * (tcfg.min_lr_ratio + (1 - tcfg.min_lr_ratio) * 0.5 * (1 + jnp.cos(jnp.pi * frac)))
+    decay = 0.5 * (1 + jnp.cos(jnp.pi * frac))
+    cosine = peak * (tcfg.min_lr_ratio + (1 - tcfg.min_lr_ratio) * decay)
     return jnp.where(step + 1.0 < warmup, warm, cosine)
   return lr
 
