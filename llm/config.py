@@ -224,9 +224,11 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     _require(e.capacity_factor > 0,
              f"config.model.moe.capacity_factor={e.capacity_factor}: must be > 0")
     _require(e.every >= 1, f"config.model.moe.every={e.every}: must be >= 1")
-    _require(e.every == 1 or not m.scan_layers,
-             f"config.model.moe.every={e.every}: scanned layers must be identical; set "
-             "model.scan_layers=False to interleave dense and MoE layers")
+    for name in ("num_layers", "num_decoder_layers"):
+      depth = getattr(m, name)
+      _require(not m.scan_layers or depth % e.every == 0,
+               f"config.model.moe.every={e.every}: must divide model.{name}={depth} when "
+               "scan_layers (the scan repeats groups of `every` layers)")
   return m
 
 

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from llm import config as config_lib
 from llm import parallel
@@ -49,5 +50,22 @@ def test_moe_every_second_layer_and_in_the_encoder_decoder():
   batch = {"encoder_inputs": tokens, "encoder_segment_ids": tokens, "inputs": tokens}
   logits, aux = jax.jit(make_forward(module))(params, batch, None)
   assert logits.shape == (2, 8, 64) and float(aux["moe_aux_loss"]) > 0
-  with __import__("pytest").raises(config_lib.ConfigError, match="moe.every=2"):
-    config_lib.model_from_dict(dict(GPT_TINY, moe=dict(num_experts=4, every=2)))
+  with pytest.raises(config_lib.ConfigError, match="moe.every=3: must divide model.num_layers"):
+    config_lib.model_from_dict(dict(GPT_TINY, moe=dict(num_experts=4, every=3)))
+
+
+def test_scanned_groups_of_dense_and_moe_layers_equal_the_unscanned_stack():
+  import flax.linen as nn
+  from llm.models import build
+  from llm.models.blocks import unscanned
+  cfg = config_lib.model_from_dict(dict(GPT_TINY, num_layers=4,
+                                        moe=dict(num_experts=4, top_k=2, every=2)))
+  module = build(cfg)
+  tokens = np.arange(1, 13)[None]
+  params = nn.unbox(jax.jit(module.init)(jax.random.PRNGKey(0), tokens)["params"])
+  assert set(params["layers"]) == {"block_0", "block_1"}
+  assert "mlp" in params["layers"]["block_0"] and "moe" in params["layers"]["block_1"]
+  flat_module, flat_params = unscanned(module, params)
+  assert "mlp" in flat_params["layers_2"] and "moe" in flat_params["layers_3"]
+  np.testing.assert_allclose(jax.jit(flat_module.apply)({"params": flat_params}, tokens),
+                             jax.jit(module.apply)({"params": params}, tokens), atol=1e-5)

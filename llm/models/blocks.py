@@ -4,6 +4,7 @@ and the (scanned, rematerialized) stack of blocks."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -65,22 +66,45 @@ def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
   return cfg.moe.num_experts > 0 and (i + 1) % cfg.moe.every == 0
 
 
+class BlockGroup(nn.Module):
+  """`cfg.moe.every` consecutive blocks, the last with a MoE MLP: the unit that is
+  scanned when dense and MoE layers interleave (scan needs identical iterations)."""
+
+  block_cls: Any
+  cfg: ModelConfig
+  block_kwargs: tuple  # sorted (name, value) pairs: module fields must be hashable
+
+  @nn.compact
+  def __call__(self, x, *args):
+    every = self.cfg.moe.every
+    for j in range(every):
+      x, _ = self.block_cls(self.cfg, **dict(self.block_kwargs), moe=j == every - 1,
+                            name=f"block_{j}")(x, *args)
+    return x, None
+
+
 def block_stack(block_cls, cfg: ModelConfig, num_args: int = 3, **block_kwargs):
   """Returns a callable applying cfg.num_layers blocks, scanned and rematerialized per cfg.
 
   `num_args` is the number of arguments after x that every block receives unchanged.
-  Scanned stacks need identical layers, so with MoE they are all MoE (moe.every == 1;
-  config validation enforces it); unscanned stacks place MoE every moe.every layers.
+  MoE replaces the MLP of every moe.every-th layer; scanned, with moe.every > 1, the
+  scan runs over groups of moe.every layers ("layers/block_j", stacked per group).
   """
   if cfg.remat != "none":
     block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[cfg.remat],
                          prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
-    scanned = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0, STATS: 0},
+    grouped = cfg.moe.num_experts > 0 and cfg.moe.every > 1
+    unit = BlockGroup if grouped else block_cls
+    scanned = nn.scan(unit, variable_axes={"params": 0, "cache": 0, STATS: 0},
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast,) * num_args, length=cfg.num_layers,
+                      in_axes=(nn.broadcast,) * num_args,
+                      length=cfg.num_layers // cfg.moe.every if grouped else cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-    stack = scanned(cfg, **block_kwargs, moe=is_moe_layer(cfg, 0), name="layers")
+    if grouped:
+      stack = scanned(block_cls, cfg, tuple(sorted(block_kwargs.items())), name="layers")
+    else:
+      stack = scanned(cfg, **block_kwargs, moe=is_moe_layer(cfg, 0), name="layers")
     return lambda x, *args: stack(x, *args)[0]
 
   blocks = [block_cls(cfg, **block_kwargs, moe=is_moe_layer(cfg, i), name=f"layers_{i}")
@@ -136,8 +160,12 @@ def unscanned(module: nn.Module, params: dict):
     out = {k: split(v) for k, v in tree.items() if k != "layers"}
     if "layers" in tree:
       stacked = tree["layers"]
-      for i in range(jax.tree_util.tree_leaves(stacked)[0].shape[0]):
-        out[f"layers_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+      groups = sorted((k for k in stacked if k.startswith("block_")),
+                      key=lambda k: int(k.split("_")[1]))
+      parts = [stacked[k] for k in groups] if groups else [stacked]  # MoE groups of layers
+      for g in range(jax.tree_util.tree_leaves(stacked)[0].shape[0]):
+        for j, part in enumerate(parts):
+          out[f"layers_{g * len(parts) + j}"] = jax.tree_util.tree_map(lambda x: x[g], part)
     return out
   return module.clone(cfg=dataclasses.replace(module.cfg, scan_layers=False)), split(params)
 
