@@ -80,11 +80,18 @@ def _block_from_hf(get, cfg: ModelConfig, i: int) -> Params:
 
 
 def params_from_hf(state: State, cfg: ModelConfig) -> Params:
+  return llama_style_params(state, cfg, _block_from_hf, MODEL_TYPE, _IGNORE)
+
+
+def llama_style_params(state: State, cfg: ModelConfig, block_from_hf, model_type: str,
+                       ignore: tuple) -> Params:
+  """Embeddings, blocks (mapped by `block_from_hf`), final norm and head of a LLaMA-layout
+  checkpoint ("model.embed_tokens", "model.layers.i", "model.norm", "lm_head")."""
   state = add_prefix(state, "model.", marker="model.")
-  ignore = _IGNORE + ((r"^lm_head\.weight$",) if cfg.tie_embeddings else ())
-  get = StateReader(state, MODEL_TYPE, ignore)
+  ignore = ignore + ((r"^lm_head\.weight$",) if cfg.tie_embeddings else ())
+  get = StateReader(state, model_type, ignore)
   params = {"embed": {"embedding": get("model.embed_tokens.weight")},
-            **stack_layers([_block_from_hf(get, cfg, i) for i in range(cfg.num_layers)],
+            **stack_layers([block_from_hf(get, cfg, i) for i in range(cfg.num_layers)],
                            cfg.scan_layers),
             "final_norm": {"scale": get("model.norm.weight")}}
   if not cfg.tie_embeddings:

@@ -36,9 +36,9 @@ from typing import Any
 import numpy as np
 
 from llm.config import ModelConfig, MoEConfig, validate_model
-from llm.convert.common import (Params, State, StateReader, add_prefix, default_rope_theta,
-                                hf_field, linear_from_torch, linear_to_torch, require,
-                                stack_layers, unstack_layers)
+from llm.convert import llama
+from llm.convert.common import (Params, State, default_rope_theta, hf_field,
+                                linear_from_torch, linear_to_torch, require, unstack_layers)
 
 MODEL_TYPE = "mixtral"
 SUPPORTS_MOE = True
@@ -110,17 +110,7 @@ def _block_from_hf(get, cfg: ModelConfig, i: int) -> Params:
 
 
 def params_from_hf(state: State, cfg: ModelConfig) -> Params:
-  state = add_prefix(state, "model.", marker="model.")
-  ignore = _IGNORE + ((r"^lm_head\.weight$",) if cfg.tie_embeddings else ())
-  get = StateReader(state, MODEL_TYPE, ignore)
-  params = {"embed": {"embedding": get("model.embed_tokens.weight")},
-            **stack_layers([_block_from_hf(get, cfg, i) for i in range(cfg.num_layers)],
-                           cfg.scan_layers),
-            "final_norm": {"scale": get("model.norm.weight")}}
-  if not cfg.tie_embeddings:
-    params["lm_head"] = {"kernel": get("lm_head.weight").T}
-  get.finish()
-  return params
+  return llama.llama_style_params(state, cfg, _block_from_hf, MODEL_TYPE, _IGNORE)
 
 
 def hf_problems(cfg: ModelConfig) -> list[str]:

@@ -2,7 +2,6 @@
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from llm.config import ModelConfig
 from llm.layers.linear import Linear

@@ -13,7 +13,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from llm import data as data_lib
 from llm.data import pipeline
@@ -23,7 +22,7 @@ from llm.inference import SamplingConfig, generate
 from llm.train import checkpoint as ckpt
 from llm.train.metrics import MetricsWriter, measure_matmul_peak, plot_losses, to_plain
 from llm.train.optimizer import make_optimizer, schedule
-from llm.train.state import TrainState, init_state
+from llm.train.state import init_state
 from llm.train.step import eval_step, train_step
 
 log = logging.getLogger(__name__)
