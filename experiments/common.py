@@ -16,3 +16,15 @@ def one_line_errors(main):
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
   return wrapped
+
+
+def start(config_dict):
+  """The start of every training entry point: quiet logs, join a multi-host job if the
+  environment describes one, and validate the config at the boundary."""
+  from absl import logging
+
+  from llm import config as config_lib
+  from llm import parallel
+  logging.set_verbosity(logging.WARNING)
+  parallel.init_distributed()
+  return config_lib.from_configdict(config_dict)

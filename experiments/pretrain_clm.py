@@ -8,12 +8,11 @@ checkpoint, then prints the final losses and a few samples.
 
 import json
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.common import one_line_errors
-from llm import config as config_lib
-from llm import data, eval as eval_lib, parallel, train
+from experiments.common import one_line_errors, start
+from llm import data, eval as eval_lib, train
 from llm.inference import SamplingConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gpt.py:tiny", "Experiment config.")
@@ -25,9 +24,7 @@ _PROMPTS = ("The ", "A function that", "Return the")
 @one_line_errors
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
-  parallel.init_distributed()
-  cfg = config_lib.from_configdict(_CONFIG.value)
+  cfg = start(_CONFIG.value)
   last = train.run(cfg, _WORKDIR.value)
   _, params, tokenizer = train.load(_WORKDIR.value)
   rows = data.build_dataset(cfg.data, tokenizer, cfg.data.eval_split)

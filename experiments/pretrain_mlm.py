@@ -8,12 +8,11 @@ accuracy (the accuracy of predicting the original token at the selected position
 
 import json
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.common import one_line_errors
-from llm import config as config_lib
-from llm import parallel, train
+from experiments.common import one_line_errors, start
+from llm import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bert.py:tiny", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, tokenizer go here.",
@@ -23,9 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, tokenizer
 @one_line_errors
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
-  parallel.init_distributed()
-  cfg = config_lib.from_configdict(_CONFIG.value)
+  cfg = start(_CONFIG.value)
   last = train.run(cfg, _WORKDIR.value)
   print(json.dumps({"step": last.get("step"), "train_mlm_loss": last.get("train_loss"),
                     "train_masked_accuracy": last.get("train_accuracy"),

@@ -9,12 +9,11 @@ filling in the sentinel spans of a few validation inputs.
 import json
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.common import one_line_errors
-from llm import config as config_lib
-from llm import models, parallel, train
+from experiments.common import one_line_errors, start
+from llm import models, train
 from llm.data import pipeline
 from llm.inference import SamplingConfig, generate_seq2seq
 
@@ -26,9 +25,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, tokenizer
 @one_line_errors
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
-  parallel.init_distributed()
-  cfg = config_lib.from_configdict(_CONFIG.value)
+  cfg = start(_CONFIG.value)
   last = train.run(cfg, _WORKDIR.value)
   print(json.dumps({k: last.get(k) for k in ("step", "train_loss", "eval_loss",
                                              "eval_accuracy", "tokens_per_s")}))
