@@ -1,0 +1,145 @@
+"""Supervised fine-tuning rows: (prompt, completion) pairs -> fixed-shape numpy rows.
+
+One example per row, right-padded with the tokenizer's pad id (segment id 0). The
+loss is on the completion only:
+
+  decoder          [bos] prompt completion [eos], shifted by one into inputs/targets;
+                   weights 1.0 on the completion's targets and the final eos.
+  encoder_decoder  encoder: prompt [eos]; decoder inputs: [start] completion,
+                   targets: completion [eos], weights 1.0 on every target.
+  encoder          [bos] prompt [eos] (CLS / SEP) and the completion's index in `labels`.
+
+An example too long for `seq_len` loses prompt tokens from the left, so the
+completion (and the end of the prompt, next to it) survives; the count of such
+examples is returned. A completion that alone does not fit is an error.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from llm.config import ConfigError
+
+FAMILIES = ("decoder", "encoder_decoder", "encoder")
+
+
+def _check_completion(completion_len: int, room: int, seq_len: int, index: int):
+  if completion_len > room:
+    raise ConfigError(
+        f"example {index}: its completion takes {completion_len} tokens but data.seq_len="
+        f"{seq_len} leaves room for {room}; raise config.data.seq_len or shorten completions")
+
+
+def _keep_right(prompt: list[int], room: int) -> tuple[list[int], bool]:
+  """The last `room` prompt tokens, and whether any were cut."""
+  if len(prompt) <= room:
+    return prompt, False
+  return (prompt[len(prompt) - room:] if room > 0 else []), True
+
+
+def _padded(num_rows: int, seq_len: int, fill: int, dtype) -> np.ndarray:
+  return np.full((num_rows, seq_len), fill, dtype)
+
+
+def _decoder_rows(prompts, completions, tokenizer, seq_len):
+  n = len(prompts)
+  out = {"inputs": _padded(n, seq_len, tokenizer.pad_id, np.int32),
+         "targets": _padded(n, seq_len, tokenizer.pad_id, np.int32),
+         "weights": _padded(n, seq_len, 0, np.float32),
+         "segment_ids": _padded(n, seq_len, 0, np.int32),
+         "positions": _padded(n, seq_len, 0, np.int32)}
+  truncated = 0
+  for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+    # bos + prompt + completion + eos is one longer than the rows it fills.
+    _check_completion(len(completion) + 1, seq_len, seq_len, row)
+    prompt, cut = _keep_right(prompt, seq_len - len(completion) - 1)
+    truncated += cut
+    tokens = [tokenizer.bos_id, *prompt, *completion, tokenizer.eos_id]
+    length = len(tokens) - 1
+    out["inputs"][row, :length] = tokens[:-1]
+    out["targets"][row, :length] = tokens[1:]
+    out["weights"][row, len(prompt):length] = 1.0  # targets from the first completion token
+    out["segment_ids"][row, :length] = 1
+    out["positions"][row, :length] = np.arange(length)
+  return out, truncated
+
+
+def _encoder_decoder_rows(prompts, completions, tokenizer, seq_len, start_id):
+  n = len(prompts)
+  out = {"encoder_inputs": _padded(n, seq_len, tokenizer.pad_id, np.int32),
+         "encoder_segment_ids": _padded(n, seq_len, 0, np.int32),
+         "inputs": _padded(n, seq_len, tokenizer.pad_id, np.int32),
+         "targets": _padded(n, seq_len, tokenizer.pad_id, np.int32),
+         "weights": _padded(n, seq_len, 0, np.float32),
+         "segment_ids": _padded(n, seq_len, 0, np.int32),
+         "positions": _padded(n, seq_len, 0, np.int32)}
+  truncated = 0
+  for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+    _check_completion(len(completion) + 1, seq_len, seq_len, row)
+    prompt, cut = _keep_right(prompt, seq_len - 1)
+    truncated += cut
+    encoder = [*prompt, tokenizer.eos_id]
+    out["encoder_inputs"][row, :len(encoder)] = encoder
+    out["encoder_segment_ids"][row, :len(encoder)] = 1
+    length = len(completion) + 1
+    out["inputs"][row, :length] = [start_id, *completion]
+    out["targets"][row, :length] = [*completion, tokenizer.eos_id]
+    out["weights"][row, :length] = 1.0
+    out["segment_ids"][row, :length] = 1
+    out["positions"][row, :length] = np.arange(length)
+  return out, truncated
+
+
+def _encoder_rows(prompts, completions, tokenizer, seq_len, labels):
+  if not labels:
+    raise ConfigError("sft_rows for family='encoder' needs labels=[...] (the label words the "
+                      "completions are drawn from)")
+  if seq_len < 3:
+    raise ConfigError(f"data.seq_len={seq_len}: classification rows need >= 3 ([CLS] id [SEP])")
+  index = {label.strip(): i for i, label in enumerate(labels)}
+  n = len(prompts)
+  out = {"inputs": _padded(n, seq_len, tokenizer.pad_id, np.int32),
+         "segment_ids": _padded(n, seq_len, 0, np.int32),
+         "positions": _padded(n, seq_len, 0, np.int32),
+         "labels": np.zeros((n,), np.int32)}
+  truncated = 0
+  for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+    if completion.strip() not in index:
+      raise ConfigError(f"example {row}: completion {completion!r} is not one of the labels "
+                        f"{list(labels)}; fix the template or the label set")
+    prompt, cut = _keep_right(prompt, seq_len - 2)
+    truncated += cut
+    tokens = [tokenizer.bos_id, *prompt, tokenizer.eos_id]
+    out["inputs"][row, :len(tokens)] = tokens
+    out["segment_ids"][row, :len(tokens)] = 1
+    out["positions"][row, :len(tokens)] = np.arange(len(tokens))
+    out["labels"][row] = index[completion.strip()]
+  return out, truncated
+
+
+def sft_rows(pairs: Sequence[tuple[str, str]], tokenizer, seq_len: int, family: str, *,
+             start_id: Optional[int] = None,
+             labels: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], int]:
+  """(rows, num_truncated): each (prompt, completion) pair as one right-padded row.
+
+  Prompt and completion are tokenized apart, so the loss boundary is exact and
+  matches what generation and label scoring see. `start_id` is the encoder-decoder's
+  decoder start token (default the pad id, as T5); `labels` are the encoder's classes.
+  """
+  if family not in FAMILIES:
+    raise ConfigError(f"model.family={family!r}: sft rows exist for {', '.join(FAMILIES)}")
+  if seq_len < 2:
+    raise ConfigError(f"data.seq_len={seq_len}: must be >= 2")
+  if not pairs:
+    raise ConfigError("sft_rows: no (prompt, completion) pairs; check the task's split")
+  prompt_texts, completion_texts = zip(*pairs)
+  prompts = tokenizer.encode_batch(prompt_texts)
+  if family == "encoder":
+    return _encoder_rows(prompts, completion_texts, tokenizer, seq_len, labels)
+  completions = tokenizer.encode_batch(completion_texts)
+  if family == "decoder":
+    return _decoder_rows(prompts, completions, tokenizer, seq_len)
+  start = tokenizer.pad_id if start_id is None else start_id
+  return _encoder_decoder_rows(prompts, completions, tokenizer, seq_len, start)
