@@ -1,0 +1,151 @@
+"""Post-training quantization of a param tree for inference: int8 / int4 weights, or a
+half-precision cast; parameter bytes; quantized checkpoints.
+
+`quantize_params(params, mode)` works on any family's tree (decoder, encoder,
+encoder-decoder, MoE; scanned or per-layer): every matmul kernel and the token embedding
+table (tied or not) become `llm.layers.quant.QArray`s. What stays float: biases, norms,
+position and token-type tables, T5's relative-position biases (lookups of small tables),
+and the MoE router, whose float32 logits decide which expert runs (a rounding flip there
+changes a token's whole MLP for a few bytes saved).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from llm.config import ConfigError
+from llm.layers.quant import QArray, quantize
+
+MODES = ("none", "bf16", "f16", "int8", "int4")
+HALF = {"bf16": jnp.bfloat16, "f16": jnp.float16}
+BITS = {"int8": 8, "int4": 4}
+MANIFEST = "quantization.json"
+
+
+def check_mode(mode: str) -> str:
+  if mode not in MODES:
+    raise ConfigError(f"--quant {mode!r}: unknown quantization mode; use one of {', '.join(MODES)}")
+  return mode
+
+
+def _keys(path) -> list[str]:
+  return [str(getattr(k, "key", k)) for k in path]
+
+
+def contracted_axes(path, shape) -> tuple[int, ...] | None:
+  """The axes a kernel's dot contracts (negative), or None for a param that stays float.
+
+  `Linear` kernels contract their leading axes (two for the attention output projection,
+  (heads, head_dim) -> model), expert kernels (E, in, out) their middle one, and the token
+  table its model axis (the tied projection x E^T; lookups take whole rows). A leading
+  axis stacked by `nn.scan` ("layers") is not a kernel axis.
+  """
+  keys = _keys(path)
+  name, parent = keys[-1], keys[-2] if len(keys) > 1 else ""
+  if name == "embedding" and parent == "embed":
+    return (-1,)
+  if name != "kernel" or parent == "router":
+    return None
+  per_layer = len(shape) - ("layers" in keys)
+  first = 1 if "moe" in keys else 0  # the expert axis is a batch axis of the dot
+  in_dims = 2 if parent == "out" else 1
+  return tuple(range(first - per_layer, first - per_layer + in_dims))
+
+
+def quantize_params(params, mode: str):
+  """The param tree for inference in `mode` (none | bf16 | f16 | int8 | int4)."""
+  check_mode(mode)
+  if any(isinstance(x, QArray) for x in jax.tree_util.tree_leaves(params, is_leaf=_is_q)):
+    raise ConfigError("params are already quantized; quantize the float checkpoint instead")
+  if mode == "none":
+    return params
+  if mode in HALF:
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, HALF[mode]), params)
+
+  def leaf(path, x):
+    contract = contracted_axes(path, x.shape)
+    return x if contract is None else quantize(x, contract, BITS[mode])
+  return jax.jit(lambda p: jax.tree_util.tree_map_with_path(leaf, p))(params)
+
+
+def _is_q(x) -> bool:
+  return isinstance(x, QArray)
+
+
+def param_bytes(params) -> int:
+  """Bytes the params occupy, int4 counted as half a byte."""
+  def nbytes(x):
+    bits = jnp.iinfo(x.dtype).bits if jnp.issubdtype(x.dtype, jnp.integer) else \
+        jnp.finfo(x.dtype).bits
+    return x.size * bits // 8
+  return sum(nbytes(x) for x in jax.tree_util.tree_leaves(params))
+
+
+def quantized_kernels(params) -> dict[str, bool]:
+  """{path: quantized?} for every leaf quantize_params would turn into a QArray."""
+  out = {}
+  for path, x in jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_q):
+    contract = contracted_axes(path, np.shape(x.values if _is_q(x) else x))
+    if contract is not None:
+      out[jax.tree_util.keystr(path)] = _is_q(x)
+  return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _to_plain(params):
+  """QArrays as {"values", "scale"} dicts (orbax stores plain trees) + their layouts."""
+  layouts = {}
+
+  def leaf(path, x):
+    if not _is_q(x):
+      return x
+    layouts[jax.tree_util.keystr(path)] = {"contract": list(x.contract), "bits": x.bits}
+    return {"values": x.values if x.bits == 8 else x.values.astype(jnp.int8), "scale": x.scale}
+  return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_q), layouts
+
+
+def save(directory: str, params, mode: str) -> None:
+  """Writes params already in `mode` (from quantize_params) as a quantized checkpoint."""
+  check_mode(mode)
+  plain, layouts = _to_plain(params)
+  directory = os.path.abspath(directory)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, "params"), plain, force=True)
+  with open(os.path.join(directory, MANIFEST), "w") as f:
+    json.dump({"mode": mode, "layouts": layouts}, f)
+
+
+def restore(directory: str, mode: str):
+  """The params saved by `save(directory, ..., mode)`; a checkpoint of another mode (a
+  quantized one read as float, or the reverse) is a ConfigError."""
+  check_mode(mode)
+  path = os.path.join(directory, MANIFEST)
+  if not os.path.exists(path):
+    raise ConfigError(f"{directory} holds no quantized checkpoint ({MANIFEST} is missing); "
+                      "write one with llm.inference.quantize.save")
+  with open(path) as f:
+    manifest = json.load(f)
+  if manifest["mode"] != mode:
+    raise ConfigError(f"{directory} holds a {manifest['mode']} checkpoint, not {mode}; "
+                      f"restore it with --quant {manifest['mode']}")
+  with ocp.StandardCheckpointer() as ckptr:
+    plain = ckptr.restore(os.path.abspath(os.path.join(directory, "params")))
+  layouts = manifest["layouts"]
+
+  def leaf(path, x):
+    layout = layouts.get(jax.tree_util.keystr(path))
+    if layout is None:
+      return jnp.asarray(x)
+    bits = layout["bits"]
+    values = jnp.asarray(x["values"], jnp.int8 if bits == 8 else jnp.int4)
+    return QArray(values, jnp.asarray(x["scale"]), tuple(layout["contract"]), bits)
+  is_stored_q = lambda x: isinstance(x, dict) and set(x) == {"values", "scale"}
+  return jax.tree_util.tree_map_with_path(leaf, plain, is_leaf=is_stored_q)
