@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from llm.config import ConfigError
-from llm.inference import SamplingConfig, generate, sample, top_k_filter, top_p_filter
+from llm.inference import (SamplingConfig, generate, generate_sequences, sample, top_k_filter,
+                           top_p_filter)
 from tests.helpers import LLAMA_TINY, GPT_TINY, model_and_params
 
 LOGITS = jax.random.normal(jax.random.PRNGKey(0), (4, 50)) * 3
@@ -14,7 +15,7 @@ LOGITS = jax.random.normal(jax.random.PRNGKey(0), (4, 50)) * 3
 
 def _draws(cfg, n=400):
   keys = jax.random.split(jax.random.PRNGKey(1), n)
-  return np.asarray(jax.vmap(lambda k: sample(k, LOGITS, cfg))(keys))  # (n, B)
+  return np.asarray(jax.vmap(lambda k: sample(k, LOGITS, cfg)[0])(keys))  # (n, B)
 
 
 def test_top_k_never_emits_outside_the_k_most_likely():
@@ -45,8 +46,12 @@ def test_filters_keep_exactly_the_expected_sets():
 
 
 def test_temperature_zero_is_greedy_and_low_temperature_approaches_it():
-  greedy = np.asarray(sample(jax.random.PRNGKey(0), LOGITS, SamplingConfig(temperature=0)))
+  greedy, logp = sample(jax.random.PRNGKey(0), LOGITS, SamplingConfig(temperature=0))
+  greedy = np.asarray(greedy)
   np.testing.assert_array_equal(greedy, np.argmax(np.asarray(LOGITS), -1))
+  # The log-prob is the model's, unaffected by temperature: log_softmax at the token.
+  np.testing.assert_allclose(logp, np.asarray(jax.nn.log_softmax(LOGITS))[np.arange(4), greedy],
+                             rtol=1e-6)
   cold = _draws(SamplingConfig(temperature=1e-4), n=20)
   assert (cold == greedy[None]).all()
 
@@ -102,3 +107,40 @@ def test_prompt_longer_than_context_window_is_rejected():
   with pytest.raises(ConfigError, match="context window"):
     generate(module.module, params, [[1] * 30], SamplingConfig(max_new_tokens=8),
              jax.random.PRNGKey(0))
+
+
+def test_suppressed_ids_are_never_emitted_greedy_or_sampled():
+  banned = tuple(np.argsort(-np.asarray(LOGITS), axis=-1)[:, :3].ravel().tolist())
+  draws = _draws(SamplingConfig(temperature=2.0, suppress_ids=banned), n=200)
+  assert not set(draws.ravel()) & set(banned)
+  greedy = np.asarray(sample(jax.random.PRNGKey(0), LOGITS,
+                             SamplingConfig(temperature=0, suppress_ids=banned))[0])
+  assert not set(greedy) & set(banned)
+
+
+def test_sampled_log_probs_and_lengths_match_a_full_forward():
+  module, params = model_and_params(**LLAMA_TINY)
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+  cfg = SamplingConfig(temperature=1.0, top_k=20, max_new_tokens=7)
+  out = generate_sequences(module.module, params, prompts, cfg, jax.random.PRNGKey(5))
+  assert out.tokens.shape == (2, 7) and out.lengths.tolist() == [7, 7]
+  for row, prompt in enumerate(prompts):
+    seq = np.array([prompt + out.tokens[row].tolist()])
+    logp = np.asarray(jax.nn.log_softmax(module.apply({"params": params}, seq)[0]))
+    expected = logp[np.arange(len(prompt) - 1, seq.shape[1] - 1), out.tokens[row]]
+    np.testing.assert_allclose(out.logprobs[row], expected, atol=1e-4)
+  eos = int(out.tokens[0, 3])  # pretend the fourth token of row 0 is EOS
+  stopped = generate_sequences(module.module, params, prompts,
+                               SamplingConfig(**{**cfg.__dict__, "eos_id": eos}),
+                               jax.random.PRNGKey(5))
+  first = out.tokens[0].tolist().index(eos)
+  assert stopped.lengths[0] == first + 1
+  np.testing.assert_array_equal(stopped.tokens[0, first + 1:], 0)
+  np.testing.assert_allclose(stopped.logprobs[0, :first + 1], out.logprobs[0, :first + 1],
+                             atol=1e-6)
+
+
+def test_encoders_do_not_generate():
+  module, params = model_and_params(**GPT_TINY, family="encoder")
+  with pytest.raises(ConfigError, match="encoder-only models"):
+    generate(module.module, params, [[1, 2]], SamplingConfig(), jax.random.PRNGKey(0))

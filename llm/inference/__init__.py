@@ -1,4 +1,8 @@
-"""Sampling and generation."""
+"""Decoding: one decode state (`decode`) and the strategies over it."""
 
-from llm.inference.generate import generate, generate_seq2seq, init_cache, left_pad
-from llm.inference.sampling import SamplingConfig, sample, top_k_filter, top_p_filter
+from llm.inference.decode import (DecodeState, decode_step, gather_rows, init_cache, prefill,
+                                  truncate_rows, with_cache_len)
+from llm.inference.generate import (Generation, generate, generate_sequences, generate_seq2seq,
+                                    right_pad)
+from llm.inference.sampling import (SamplingConfig, sample, sampling_logits, token_logprobs,
+                                    top_k_filter, top_p_filter, untrained_ids)

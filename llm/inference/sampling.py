@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,15 +15,22 @@ _NEG_INF = -1e30
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-  """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+  """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters.
+
+  `suppress_ids` are never emitted (a decoder LM's pad, `<mask>` and sentinels: ids it
+  was never trained to predict; see `untrained_ids`).
+  """
 
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
   max_new_tokens: int = 32
   eos_id: Optional[int] = None
+  suppress_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
+    # A tuple of ints, so the config stays hashable (it is a static jit argument).
+    object.__setattr__(self, "suppress_ids", tuple(sorted({int(i) for i in self.suppress_ids})))
     if self.max_new_tokens <= 0:
       raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
     if self.temperature < 0:
@@ -59,11 +66,42 @@ def top_p_filter(logits_BV: jax.Array, p: float) -> jax.Array:
   return jnp.where(logits_BV >= cutoff_B1, logits_BV, _NEG_INF)
 
 
-def sample(rng: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
-  """Next tokens (B,) from last-position logits (B, V)."""
-  logits_BV = logits_BV.astype(jnp.float32)
+def untrained_ids(tokenizer) -> tuple[int, ...]:
+  """Ids a causal LM never sees as a target: padding, `<mask>` and the span sentinels."""
+  ids = [tokenizer.pad_id, tokenizer.mask_id, *tokenizer.sentinel_ids]
+  return tuple(sorted({i for i in ids if i is not None and i >= 0}))
+
+
+def suppress(logits_BV: jax.Array, ids: Sequence[int]) -> jax.Array:
+  if not ids:
+    return logits_BV
+  return logits_BV.at[:, jnp.asarray(ids, jnp.int32)].set(_NEG_INF)
+
+
+def sampling_logits(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """Logits of the distribution `sample` draws from (suppressed, tempered, filtered);
+  greedy: a point mass on the argmax (so speculative decoding treats both alike)."""
+  logits_BV = suppress(logits_BV.astype(jnp.float32), cfg.suppress_ids)
   if cfg.greedy:
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    best_B = jnp.argmax(logits_BV, axis=-1)
+    return jnp.where(jnp.arange(logits_BV.shape[-1]) == best_B[:, None], 0.0, _NEG_INF)
   logits_BV = logits_BV / cfg.temperature
-  logits_BV = top_p_filter(top_k_filter(logits_BV, cfg.top_k), cfg.top_p)
-  return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+  return top_p_filter(top_k_filter(logits_BV, cfg.top_k), cfg.top_p)
+
+
+def token_logprobs(logits_BV: jax.Array, token_B: jax.Array) -> jax.Array:
+  """log p_model(token): the model's own distribution, before temperature and filters
+  (what scoring and a PPO policy ratio need)."""
+  logp_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+
+
+def sample(rng: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig):
+  """(token_B, logprob_B): next tokens from last-position logits (B, V) and their
+  log-probabilities under the model (`token_logprobs`)."""
+  if cfg.greedy:
+    token_B = jnp.argmax(suppress(logits_BV.astype(jnp.float32), cfg.suppress_ids), axis=-1)
+  else:
+    token_B = jax.random.categorical(rng, sampling_logits(logits_BV, cfg), axis=-1)
+  token_B = token_B.astype(jnp.int32)
+  return token_B, token_logprobs(logits_BV, token_B)

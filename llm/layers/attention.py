@@ -77,9 +77,11 @@ def _projection(cfg: ModelConfig, features, axes, name, in_dims=1) -> Linear:
 class Attention(nn.Module):
   """Self-attention with optional RoPE, GQA, and an autoregressive KV cache.
 
-  With `decode=True` keys/values are written into the "cache" collection at the running
-  cache index; `segment_ids` then marks real tokens (non-zero) versus left padding, and
-  each query sees the cached keys up to its own slot that hold real tokens.
+  With `decode=True` keys/values go to the "cache" collection at slot = position: row b's
+  T new tokens fill slots positions_BT[b, 0] .. + T - 1 (positions must be consecutive,
+  counted from the row's first token), and each query sees the slots up to its own. A
+  row's cached length lives outside the module (`llm.inference.DecodeState.end_B`), so
+  rows can hold different lengths and rolling a row back is just a smaller end index.
   """
 
   cfg: ModelConfig
@@ -100,7 +102,7 @@ class Attention(nn.Module):
     q_BTNH = nn.with_logical_constraint(q_BTNH, ("act_batch", "act_length", "act_heads", None))
 
     if decode and self.has_variable("cache", "cached_key"):
-      k_BSKH, v_BSKH, mask_BTS = self._update_cache(k_BTKH, v_BTKH, segment_ids_BT)
+      k_BSKH, v_BSKH, mask_BTS = self._update_cache(k_BTKH, v_BTKH, positions_BT)
     else:
       if decode:  # first call (cache init): allocate for this many slots
         self._cache_vars(x_BTD.shape[0], x_BTD.shape[1], k, h)
@@ -127,23 +129,17 @@ class Attention(nn.Module):
   def _cache_vars(self, batch, length, k, h):
     dtype = jnp.dtype(self.cfg.dtype)
     return (self.variable("cache", "cached_key", jnp.zeros, (batch, length, k, h), dtype),
-            self.variable("cache", "cached_value", jnp.zeros, (batch, length, k, h), dtype),
-            self.variable("cache", "cached_valid", jnp.zeros, (batch, length), bool),
-            self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32)))
+            self.variable("cache", "cached_value", jnp.zeros, (batch, length, k, h), dtype))
 
-  def _update_cache(self, k_BTKH, v_BTKH, segment_ids_BT):
-    key, value, valid, index = self._cache_vars(None, None, None, None)
-    t, s = k_BTKH.shape[1], key.value.shape[1]
-    i = index.value
-    key.value = jax.lax.dynamic_update_slice(key.value, k_BTKH.astype(key.value.dtype),
-                                             (0, i, 0, 0))
-    value.value = jax.lax.dynamic_update_slice(value.value, v_BTKH.astype(value.value.dtype),
-                                               (0, i, 0, 0))
-    valid.value = jax.lax.dynamic_update_slice(valid.value, segment_ids_BT != 0, (0, i))
-    index.value = i + t
-    slot_T = i + jnp.arange(t)
-    causal_TS = jnp.arange(s)[None, :] <= slot_T[:, None]
-    mask_BTS = causal_TS[None] & valid.value[:, None, :]
+  def _update_cache(self, k_BTKH, v_BTKH, positions_BT):
+    key, value = self._cache_vars(None, None, None, None)
+    start_B = positions_BT[:, 0]
+    write = jax.vmap(lambda cache_SKH, new_TKH, start: jax.lax.dynamic_update_slice(
+        cache_SKH, new_TKH.astype(cache_SKH.dtype), (start, 0, 0)))
+    key.value = write(key.value, k_BTKH, start_B)
+    value.value = write(value.value, v_BTKH, start_B)
+    # Slots past a query's own hold stale or future tokens (a rolled-back row, padding).
+    mask_BTS = jnp.arange(key.value.shape[1])[None, None, :] <= positions_BT[:, :, None]
     return key.value, value.value, mask_BTS
 
 

@@ -1,0 +1,160 @@
+"""The decode state every strategy shares: `prefill`, `decode_step` and row operations.
+
+Every row's tokens sit in its cache at slot = position, starting at slot 0 (prompts are
+right-padded), and `end_B` says how many of them are real. Appending writes at `end_B`;
+rolling a row back (speculative decoding) lowers its `end_B`; reordering rows (beam
+search) gathers every cache leaf along its batch axis. The attention layers mask slots
+past each query, so whatever lies beyond a row's end is never read.
+
+Greedy/sampling (`generate`), beam search (`beam`) and speculative decoding
+(`speculative`) are loops over these functions; all of them are pure and jit-able.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from llm.config import ConfigError
+
+_SELF_ATTENTION_CACHE = ("cached_key", "cached_value")  # (B, S, K, H): grow with the sequence
+
+
+@struct.dataclass
+class DecodeState:
+  """A batch of partly decoded rows.
+
+  cache: the model's "cache" collection (scanned: leaves stacked on a leading layer axis).
+  logits_BV: float32 logits of each row's next token (after its last real token).
+  end_B: tokens held per row = the position of its next token.
+  encoder_segment_ids_BS: seq2seq only, the encoder input's real tokens (cross mask).
+  """
+
+  cache: dict
+  logits_BV: jax.Array
+  end_B: jax.Array
+  encoder_segment_ids_BS: Optional[jax.Array] = None
+
+  @property
+  def cache_len(self) -> int:
+    return _cache_leaves(self.cache)[0].shape[-3]
+
+
+def _is_scanned(path) -> bool:
+  return any(getattr(k, "key", None) == "layers" for k in path)
+
+
+def _leaf_name(path) -> str:
+  return getattr(path[-1], "key", "")
+
+
+def _cache_leaves(cache) -> list:
+  return [x for path, x in jax.tree_util.tree_leaves_with_path(cache)
+          if _leaf_name(path) in _SELF_ATTENTION_CACHE]
+
+
+def _map_cache(fn, cache):
+  """fn(leaf, batch_axis, name) over every cache leaf, for scanned and unscanned layouts."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: fn(x, 1 if _is_scanned(path) else 0, _leaf_name(path)), cache)
+
+
+def gather_rows(state: DecodeState, rows_R: jax.Array) -> DecodeState:
+  """The state of rows `rows_R` (repeats allowed): beam reordering, fanning a prompt out."""
+  take = lambda x, axis: jnp.take(x, rows_R, axis=axis)
+  enc = state.encoder_segment_ids_BS
+  return DecodeState(cache=_map_cache(lambda x, axis, _: take(x, axis), state.cache),
+                     logits_BV=take(state.logits_BV, 0), end_B=take(state.end_B, 0),
+                     encoder_segment_ids_BS=None if enc is None else take(enc, 0))
+
+
+def truncate_rows(state: DecodeState, end_B: jax.Array, logits_BV: jax.Array) -> DecodeState:
+  """Each row cut back to its own `end_B` tokens (<= what it holds); `logits_BV` are the
+  next-token logits after its new last token (the caller has them from its forward)."""
+  return state.replace(end_B=jnp.minimum(end_B, state.end_B).astype(jnp.int32),
+                       logits_BV=logits_BV.astype(jnp.float32))
+
+
+def with_cache_len(state: DecodeState, cache_len: int) -> DecodeState:
+  """The same rows with room for `cache_len` tokens (a reused prefix grows into a request)."""
+  if cache_len < state.cache_len:
+    raise ConfigError(f"cache_len={cache_len}: below the {state.cache_len} slots the state "
+                      "already has; pass a larger one")
+
+  def pad(x, axis, name):
+    if name not in _SELF_ATTENTION_CACHE:
+      return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis + 1] = (0, cache_len - x.shape[axis + 1])
+    return jnp.pad(x, widths)
+  return state.replace(cache=_map_cache(pad, state.cache))
+
+
+def init_cache(module: nn.Module, batch: int, length: int, encoder_len: int = 0):
+  """Zeroed cache with `length` slots, shaped by tracing init (no FLOPs spent);
+  `encoder_len` sizes a seq2seq model's cross-attention cache."""
+  decoder_BT = jnp.zeros((batch, length), jnp.int32)
+  args = ((jnp.ones((batch, encoder_len), jnp.int32), decoder_BT) if encoder_len
+          else (decoder_BT,))
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args,
+                                              decode=True))["cache"]
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _forward(module, params, state: DecodeState, tokens_BK, segment_ids_BK, encoded_BSD=None):
+  positions_BK = state.end_B[:, None] + jnp.arange(tokens_BK.shape[1])[None]
+  variables = {"params": params, "cache": state.cache}
+  if module.cfg.family == "encoder_decoder":
+    logits_BKV, mutated = module.apply(
+        variables, tokens_BK, encoded_BSD, state.encoder_segment_ids_BS, positions_BK,
+        segment_ids_BK, True, method=module.decode, mutable=["cache"])
+  else:
+    logits_BKV, mutated = module.apply(variables, tokens_BK, positions_BK, segment_ids_BK,
+                                       decode=True, mutable=["cache"])
+  return logits_BKV, mutated["cache"]
+
+
+def decode_step(module: nn.Module, params, state: DecodeState, tokens_BK: jax.Array,
+                lengths_B: Optional[jax.Array] = None, encoded_BSD=None):
+  """Appends tokens_BK to every row -> (logits_BKV, state); logits_BKV[:, k] are the
+  next-token logits after token k. `lengths_B` (default K) appends only each row's first
+  lengths_B[b] tokens: the rest are padding, written past the row's end and never read.
+  `encoded_BSD` (seq2seq, first call only) fills the cross-attention cache."""
+  batch, k = tokens_BK.shape
+  if lengths_B is None:
+    lengths_B = jnp.full((batch,), k, jnp.int32)
+  segment_ids_BK = (jnp.arange(k)[None] < lengths_B[:, None]).astype(jnp.int32)
+  logits_BKV, cache = _forward(module, params, state, tokens_BK, segment_ids_BK, encoded_BSD)
+  last_BV = jnp.take_along_axis(logits_BKV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  return logits_BKV, state.replace(cache=cache, logits_BV=last_BV.astype(jnp.float32),
+                                   end_B=(state.end_B + lengths_B).astype(jnp.int32))
+
+
+def empty_state(module: nn.Module, batch: int, cache_len: int,
+                encoder_segment_ids_BS: Optional[jax.Array] = None) -> DecodeState:
+  encoder_len = 0 if encoder_segment_ids_BS is None else encoder_segment_ids_BS.shape[1]
+  return DecodeState(cache=init_cache(module, batch, cache_len, encoder_len),
+                     logits_BV=jnp.zeros((batch, module.cfg.vocab_size), jnp.float32),
+                     end_B=jnp.zeros((batch,), jnp.int32),
+                     encoder_segment_ids_BS=encoder_segment_ids_BS)
+
+
+def prefill(module: nn.Module, params, tokens_BT: jax.Array, lengths_B: jax.Array,
+            cache_len: int, encoder_BS: Optional[jax.Array] = None,
+            encoder_segment_ids_BS: Optional[jax.Array] = None) -> DecodeState:
+  """The state after reading right-padded prompts (row b: its first lengths_B[b] tokens)
+  into a cache of `cache_len` slots. Seq2seq: `encoder_BS` (with its segment ids, 0 =
+  padding) is encoded once and `tokens_BT` are the decoder's first tokens (the start id)."""
+  if tokens_BT.shape[1] > cache_len:
+    raise ConfigError(f"cache_len={cache_len}: shorter than the {tokens_BT.shape[1]}-token "
+                      "prompt; pass a larger one")
+  encoded_BSD = None
+  if module.cfg.family == "encoder_decoder":
+    encoded_BSD = module.apply({"params": params}, encoder_BS, encoder_segment_ids_BS,
+                               method=module.encode)
+  state = empty_state(module, tokens_BT.shape[0], cache_len, encoder_segment_ids_BS)
+  return decode_step(module, params, state, tokens_BT, lengths_B, encoded_BSD)[1]
