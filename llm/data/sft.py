@@ -25,6 +25,14 @@ from llm.config import ConfigError
 FAMILIES = ("decoder", "encoder_decoder", "encoder")
 
 
+def generation_prompt(prompt: Sequence[int], tokenizer, family: str) -> list[int]:
+  """The tokens generation starts from, as `sft_rows` frames a prompt: [bos] prompt for
+  a decoder, prompt [eos] as an encoder-decoder's encoder input."""
+  if family == "encoder_decoder":
+    return [*prompt, tokenizer.eos_id]
+  return [tokenizer.bos_id, *prompt]
+
+
 def _check_completion(completion_len: int, room: int, seq_len: int, index: int):
   if completion_len > room:
     raise ConfigError(
@@ -56,7 +64,7 @@ def _decoder_rows(prompts, completions, tokenizer, seq_len):
     _check_completion(len(completion) + 1, seq_len, seq_len, row)
     prompt, cut = _keep_right(prompt, seq_len - len(completion) - 1)
     truncated += cut
-    tokens = [tokenizer.bos_id, *prompt, *completion, tokenizer.eos_id]
+    tokens = [*generation_prompt(prompt, tokenizer, "decoder"), *completion, tokenizer.eos_id]
     length = len(tokens) - 1
     out["inputs"][row, :length] = tokens[:-1]
     out["targets"][row, :length] = tokens[1:]
@@ -80,7 +88,7 @@ def _encoder_decoder_rows(prompts, completions, tokenizer, seq_len, start_id):
     _check_completion(len(completion) + 1, seq_len, seq_len, row)
     prompt, cut = _keep_right(prompt, seq_len - 1)
     truncated += cut
-    encoder = [*prompt, tokenizer.eos_id]
+    encoder = generation_prompt(prompt, tokenizer, "encoder_decoder")
     out["encoder_inputs"][row, :len(encoder)] = encoder
     out["encoder_segment_ids"][row, :len(encoder)] = 1
     length = len(completion) + 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -68,9 +68,10 @@ class Template:
     return self.prompt.format(**record), self.completion.format(**record)
 
 
-def choose_shots(pool: Sequence[Mapping], k: int, seed: int,
+def choose_shots(pool: Sequence[Mapping], k: int, seed: Union[int, Sequence[int]],
                  query: Optional[Mapping] = None) -> list[Mapping]:
-  """k records of `pool` in a fixed order given by `seed`, skipping any equal to `query`."""
+  """k records of `pool` in an order fixed by `seed` (an int or a sequence of ints, e.g.
+  [seed, query index] for shots that vary per query), skipping any equal to `query`."""
   if k < 0:
     raise ConfigError(f"k_shot={k}: must be >= 0")
   order = np.random.default_rng(seed).permutation(len(pool))
@@ -90,7 +91,7 @@ def shot_prompt(template: Template, query: Mapping, shots: Sequence[Mapping],
 
 
 def few_shot(template: Template, query: Mapping, pool: Sequence[Mapping], k: int, *,
-             seed: int, tokenizer, max_len: int, reserve: int = 0,
+             seed: Union[int, Sequence[int]], tokenizer, max_len: int, reserve: int = 0,
              separator: str = SHOT_SEPARATOR) -> tuple[str, str]:
   """The k-shot (prompt, completion) of `query`, with shots drawn from `pool`.
 

@@ -1,0 +1,162 @@
+"""Task evaluation: k-shot prompts, then either batched greedy generation scored by the
+task's metric (ROUGE, BLEU, exact match) or classification by comparing the
+log-likelihood of each label's completion (accuracy). Decoders and encoder-decoders.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from llm.config import ConfigError
+from llm.data.sft import generation_prompt, sft_rows
+from llm.data.tasks import Task
+from llm.data.templates import few_shot
+from llm.eval import metrics
+from llm.eval.likelihood import log_likelihood
+from llm.inference import SamplingConfig, generate, generate_seq2seq
+
+GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
+_LENGTH_BUCKET = 16  # score rows padded to a multiple of this: few distinct shapes to compile
+
+
+def _check_family(module):
+  if module.cfg.family not in ("decoder", "encoder_decoder"):
+    raise ConfigError(f"model.family={module.cfg.family!r}: task evaluation generates or scores "
+                      "completions, which needs a decoder or an encoder_decoder")
+
+
+def _chunks(items: Sequence, batch_size: int) -> list[list]:
+  """Equal-sized chunks of at most batch_size (the last padded with its final item), so
+  every call but none has the same batch size."""
+  num = -(-len(items) // batch_size)
+  size = -(-len(items) // num)
+  chunks = [list(items[i:i + size]) for i in range(0, len(items), size)]
+  chunks[-1] += [chunks[-1][-1]] * (size - len(chunks[-1]))
+  return chunks
+
+
+def _generate_call(module, params, prompt_ids, sampling, pad_id, start_id):
+  """The one call into llm.inference (its return type may grow: adapt here only)."""
+  rng = jax.random.PRNGKey(0)  # greedy decoding draws nothing
+  if module.cfg.family == "encoder_decoder":
+    return generate_seq2seq(module, params, prompt_ids, sampling, rng, pad_id=pad_id,
+                            start_id=start_id)
+  return generate(module, params, prompt_ids, sampling, rng, pad_id=pad_id)
+
+
+def greedy_generate(module, params, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
+                    eos_id: int, pad_id: int = 0, start_id: int = 0,
+                    batch_size: int = 256) -> list[list[int]]:
+  """Greedy continuations of many prompts, `batch_size` per generate call; each ends at
+  (and includes) eos or stops after max_new_tokens."""
+  sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, eos_id=eos_id)
+  out = []
+  for chunk in _chunks(prompt_ids, batch_size):
+    out += _generate_call(module, params, chunk, sampling, pad_id, start_id)
+  return out[:len(prompt_ids)]
+
+
+def completion_log_likelihoods(module, params, tokenizer, pairs: Sequence[tuple[str, str]],
+                               batch_size: int = 64) -> np.ndarray:
+  """(N,) sum of log p over each completion's tokens and its final eos, given the prompt
+  (framed as `sft_rows` frames it)."""
+  _check_family(module)
+  family, max_len = module.cfg.family, module.cfg.max_len
+  prompts = tokenizer.encode_batch([p for p, _ in pairs])
+  completions = tokenizer.encode_batch([c for _, c in pairs])
+  if family == "decoder":
+    needed = max(len(p) + len(c) + 1 for p, c in zip(prompts, completions))
+  else:
+    needed = max(max(len(p), len(c)) + 1 for p, c in zip(prompts, completions))
+  seq_len = min(-(-needed // _LENGTH_BUCKET) * _LENGTH_BUCKET, max_len)
+  rows, _ = sft_rows(pairs, tokenizer, seq_len, family)
+  num_rows = len(pairs)
+  padded = -(-num_rows // batch_size) * batch_size
+  rows = {k: np.pad(v, ((0, padded - num_rows), (0, 0))) for k, v in rows.items()}
+  sums = []
+  for start in range(0, padded, batch_size):
+    batch = {k: v[start:start + batch_size] for k, v in rows.items()}
+    logp_BT = np.asarray(log_likelihood(module, params, batch))
+    sums.append((logp_BT * batch["weights"]).sum(axis=1))
+  return np.concatenate(sums)[:num_rows]
+
+
+def label_scores(module, params, tokenizer, prompts: Sequence[str],
+                 completions: Sequence[Sequence[str]], batch_size: int = 64) -> np.ndarray:
+  """(N, L) log-likelihood of each of the L candidate completions of each prompt."""
+  num_labels = len(completions[0])
+  pairs = [(p, c) for p, options in zip(prompts, completions) for c in options]
+  scores = completion_log_likelihoods(module, params, tokenizer, pairs, batch_size)
+  return scores.reshape(len(prompts), num_labels)
+
+
+def _prompts(task: Task, tokenizer, split: str, k_shot: int, max_examples: Optional[int],
+             seed: int, max_len: int, reserve: int):
+  """The evaluated records and their k-shot (prompt, completion) pairs, shots from train."""
+  records = list(task.records(split))[:max_examples]
+  if not records:
+    raise ConfigError(f"task {task.name!r} split {split!r} has no records to evaluate")
+  pool = task.records("train") if k_shot else ()
+  pairs = [few_shot(task.template, record, pool, k_shot, seed=[seed, i], tokenizer=tokenizer,
+                    max_len=max_len, reserve=reserve) for i, record in enumerate(records)]
+  return records, pairs
+
+
+def _evaluate_labels(module, params, tokenizer, task, split, k_shot, max_examples, seed,
+                     batch_size):
+  longest = max(len(t) for t in tokenizer.encode_batch(task.label_completions(
+      task.records(split)[0])))
+  records, pairs = _prompts(task, tokenizer, split, k_shot, max_examples, seed,
+                            module.cfg.max_len, longest + 1)
+  options = [task.label_completions(record) for record in records]
+  scores_NL = label_scores(module, params, tokenizer, [p for p, _ in pairs], options, batch_size)
+  gold = [task.labels.index(record[task.label_field]) for record in records]
+  return {**metrics.accuracy(scores_NL.argmax(axis=1), gold), "n": len(records)}
+
+
+def _evaluate_generation(module, params, tokenizer, task, split, k_shot, max_examples, seed,
+                         generate_fn, batch_size):
+  references = [task.template.apply(r)[1] for r in task.records(split)[:max_examples]]
+  max_new_tokens = max(len(t) for t in tokenizer.encode_batch(references)) + 1
+  family = module.cfg.family
+  reserve = max_new_tokens + 1 if family == "decoder" else 1
+  records, pairs = _prompts(task, tokenizer, split, k_shot, max_examples, seed,
+                            module.cfg.max_len, reserve)
+  prompt_ids = [generation_prompt(p, tokenizer, family)
+                for p in tokenizer.encode_batch([p for p, _ in pairs])]
+  if generate_fn is None:
+    generate_fn = functools.partial(greedy_generate, module, params, eos_id=tokenizer.eos_id,
+                                    pad_id=tokenizer.pad_id, start_id=tokenizer.pad_id,
+                                    batch_size=batch_size)
+  outputs = generate_fn(prompt_ids, max_new_tokens)
+  predictions = [tokenizer.decode(ids).strip() for ids in outputs]
+  scores = metrics.GENERATION_METRICS[task.metric](predictions, [c.strip() for _, c in pairs])
+  return {**scores, "n": len(records)}
+
+
+def evaluate_task(module, params, tokenizer, task: Task, split: str = "test", k_shot: int = 0,
+                  max_examples: Optional[int] = None, generate_fn: Optional[GenerateFn] = None,
+                  seed: int = 0, batch_size: int = 64) -> dict[str, float]:
+  """{metric: value (percent), "n": examples} of `task` on the first `max_examples`
+  records of `split`, each prompted with `k_shot` solved train examples.
+
+  Classification tasks (metric "accuracy") pick the label whose completion is most
+  likely; the others generate greedily, through `generate_fn(prompt_ids,
+  max_new_tokens) -> token lists` when given (e.g. a model with a soft prompt).
+  """
+  _check_family(module)
+  if task.metric == "accuracy":
+    return _evaluate_labels(module, params, tokenizer, task, split, k_shot, max_examples, seed,
+                            batch_size)
+  return _evaluate_generation(module, params, tokenizer, task, split, k_shot, max_examples, seed,
+                              generate_fn, batch_size)
+
+
+def evaluate_few_shot(module, params, tokenizer, task: Task, ks: Sequence[int] = (0, 1, 4),
+                      **kwargs) -> dict[int, dict[str, float]]:
+  """`evaluate_task` for every k in `ks` (same examples, same seed)."""
+  return {k: evaluate_task(module, params, tokenizer, task, k_shot=k, **kwargs) for k in ks}
