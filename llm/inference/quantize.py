@@ -11,6 +11,7 @@ changes a token's whole MLP for a few bytes saved).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -32,6 +33,16 @@ def check_mode(mode: str) -> str:
   if mode not in MODES:
     raise ConfigError(f"--quant {mode!r}: unknown quantization mode; use one of {', '.join(MODES)}")
   return mode
+
+
+def inference_config(model_cfg, mode: str):
+  """The model config to run params of `mode` with: half modes compute in that half
+  dtype (a float32 dot would convert every half kernel back to float32 in memory); int
+  modes keep the compute dtype (activations are not quantized)."""
+  if check_mode(mode) in HALF:
+    name = {"bf16": "bfloat16", "f16": "float16"}[mode]
+    return dataclasses.replace(model_cfg, dtype=name, param_dtype=name)
+  return model_cfg
 
 
 def _keys(path) -> list[str]:
