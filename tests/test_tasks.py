@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from llm.config import ConfigError
-from llm.data import sft, templates
+from llm.data import mixture, sft, task_sources, templates
+from llm.data import tasks as tasks_lib
+from llm.data.sources import DataError
 from llm.data.tokenizer import train_tokenizer
 
 TEXTS = [f"the {a} {b} saw {c} birds near the river {d} times" for a in ("red", "blue", "old")
@@ -140,3 +142,133 @@ def test_sft_encoder_rows(tok):
     sft.sft_rows([("x", " bird")], tok, 8, "encoder")
   with pytest.raises(ConfigError, match="model.family='moe'"):
     sft.sft_rows(pairs, tok, 8, "moe")
+
+
+# --- generated tasks ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def suite():
+  return {name: tasks_lib.get_task(name) for name in tasks_lib.TASKS}
+
+
+def test_tasks_deterministic_with_disjoint_splits(suite):
+  assert set(suite) == {"topic", "summary", "translate", "facts"}
+  for name, task in suite.items():
+    again, other = tasks_lib.get_task(name, seed=0), tasks_lib.get_task(name, seed=1)
+    assert again.splits == task.splits and other.splits != task.splits
+    sizes = {split: len(task.records(split)) for split in tasks_lib.SPLITS}
+    assert sizes == tasks_lib.SPLIT_SIZES
+    prompts = {split: {p for p, _ in task.pairs(split)} for split in tasks_lib.SPLITS}
+    assert sum(map(len, prompts.values())) == sum(sizes.values())  # no input repeats
+    assert task.metric in tasks_lib.METRICS
+  # Known answers.
+  for record in suite["translate"].records("test"):
+    assert record["target"] == tasks_lib.cipher(record["source"])
+    assert len(record["target"].split()) == len(record["source"].split())
+  for record in suite["facts"].records("test"):
+    asked = record["question"].split()[-1].rstrip("?")
+    assert f"The {asked} is {record['answer']}." in record["context"]
+  for record in suite["summary"].records("test"):
+    assert record["article"].startswith(record["summary"] + " ")
+  topic = suite["topic"]
+  labels = [r["label"] for r in topic.records("train")]
+  assert set(labels) == set(topic.labels) and min(map(labels.count, topic.labels)) > 400
+  for record in topic.records("test"):
+    nouns = tasks_lib.TOPIC_NOUNS[record["label"]]
+    assert sum(word in nouns for word in record["text"].split()) == 2
+  assert topic.label_completions(topic.records("test")[0]) == [" " + l for l in topic.labels]
+  with pytest.raises(ConfigError, match="unknown; generated tasks: topic, summary"):
+    tasks_lib.get_task("sst2")
+  with pytest.raises(ConfigError, match="no split 'dev'; it has: train, validation, test"):
+    topic.records("dev")
+
+
+# --- mixtures -------------------------------------------------------------------
+
+def _small_task(name, size):
+  records = tuple({"x": f"{name} {i}", "y": str(i)} for i in range(size))
+  return tasks_lib.Task(name, {"train": records}, templates.Template("{x}", " {y}"),
+                        "exact_match")
+
+
+def test_mixture_rates_resumable_and_epochs():
+  tasks = [_small_task("a", 50), _small_task("b", 500), _small_task("c", 5000)]
+  assert mixture.mixing_rates(tasks) == pytest.approx((50 / 5550, 500 / 5550, 5000 / 5550))
+  capped = mixture.Mixture(tasks, cap=500, seed=3)
+  assert capped.rates == pytest.approx((50 / 1050, 500 / 1050, 500 / 1050))
+  explicit = mixture.Mixture(tasks, rates={"a": 1, "b": 1, "c": 2}, seed=3)
+  assert explicit.rates == pytest.approx((0.25, 0.25, 0.5))
+  n = 20_000
+  for mix in (capped, explicit):
+    counts = np.bincount(mix.task_indices(0, n), minlength=3)
+    p = np.asarray(mix.rates)
+    assert np.all(np.abs(counts - n * p) <= 5 * np.sqrt(n * p * (1 - p)))  # binomial bound
+  # Resuming at any example index gives exactly the rest of the stream.
+  whole = capped.draws(0, 9000)
+  assert capped.draws(4000, 5000) == whole[4000:] and capped.draws(8191, 3) == whole[8191:8194]
+  assert mixture.Mixture(tasks, cap=500, seed=3).draws(0, 9000) == whole
+  assert mixture.Mixture(tasks, cap=500, seed=4).draws(0, 100) != whole[:100]
+  # Each task's records come in a fresh permutation every epoch.
+  a_records = [r["x"] for name, r in whole if name == "a"]
+  assert len(a_records) > 100
+  assert sorted(a_records[:50]) == sorted(f"a {i}" for i in range(50))
+  assert sorted(a_records[50:100]) == sorted(a_records[:50]) and a_records[50:100] != a_records[:50]
+  names = {"a": tasks[0], "b": tasks[1], "c": tasks[2]}
+  assert capped.pairs(10, 5) == [names[t].template.apply(r) for t, r in whole[10:15]]
+  with pytest.raises(ConfigError, match=r"tasks without a rate \['c'\]"):
+    mixture.Mixture(tasks, rates={"a": 1, "b": 1})
+  with pytest.raises(ConfigError, match="not both"):
+    mixture.Mixture(tasks, rates={"a": 1, "b": 1, "c": 1}, cap=10)
+  with pytest.raises(ConfigError, match="positive sum"):
+    mixture.Mixture(tasks, rates={"a": 0, "b": 0, "c": 0})
+
+
+# --- TFDS and JSONL tasks -------------------------------------------------------
+
+def test_tfds_tasks_from_mock_data(tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=5):
+    sst2 = task_sources.load_task("tfds:glue/sst2")
+    samsum = task_sources.tfds_task("samsum", limit=3)
+    wmt = task_sources.tfds_task("wmt14_translate/de-en")
+  assert set(sst2.splits) == {"train", "validation"} and len(sst2.records("train")) == 5
+  assert sst2.metric == "accuracy" and sst2.labels == ("negative", "positive")
+  for record in sst2.records("validation"):
+    assert set(record) == {"sentence", "label"} and record["label"] in sst2.labels
+    assert isinstance(record["sentence"], str)
+  prompt, completion = sst2.pairs("train")[0]
+  assert prompt.startswith("Review: ") and completion in (" negative", " positive")
+  assert [len(samsum.records(s)) for s in ("train", "validation", "test")] == [3, 3, 3]
+  assert samsum.metric == "rouge" and set(samsum.records("test")[0]) == {"dialogue", "summary"}
+  assert wmt.metric == "bleu" and wmt.template.prompt.startswith("Translate German to English")
+  assert wmt.pairs("test")[0][1] == " " + wmt.records("test")[0]["en"]
+  # Not prepared and not mocked: fails at once, downloads nothing.
+  with pytest.raises(DataError, match="not prepared in .*tfds_download=True"):
+    task_sources.tfds_task("glue/sst2", data_dir=str(tmp_path))
+  with pytest.raises(ConfigError, match="TFDS task 'squad' is unknown"):
+    task_sources.tfds_task("squad")
+
+
+def test_jsonl_task(tmp_path):
+  train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+  train.write_text('{"q": "2+2", "a": "4", "extra": 1}\n\n{"q": "1+2", "a": "3"}\n')
+  test.write_text('{"q": "3+3", "a": "6"}\n')
+  template = templates.Template("Q: {q}\nA:", " {a}")
+  task = task_sources.jsonl_task("sums", {"train": str(train), "test": str(test)}, template,
+                                 "exact_match")
+  assert task.pairs("train") == [("Q: 2+2\nA:", " 4"), ("Q: 1+2\nA:", " 3")]
+  assert task.pairs("test") == [("Q: 3+3\nA:", " 6")]
+  with pytest.raises(ConfigError, match="uses field 'answer' but the record has only: a, extra"):
+    task_sources.jsonl_task("sums", {"train": str(train)}, templates.Template("{q}", "{answer}"),
+                            "exact_match")
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"q": "1", "a": "2"}\n{"q": oops}\n')
+  with pytest.raises(DataError, match=r"bad.jsonl:2: not JSON"):
+    task_sources.jsonl_task("sums", {"train": str(bad)}, template, "exact_match")
+  with pytest.raises(DataError, match="missing.jsonl"):
+    task_sources.jsonl_task("sums", {"train": str(tmp_path / "missing.jsonl")}, template,
+                            "exact_match")
+  with pytest.raises(DataError, match="label '4' is not one of"):
+    task_sources.jsonl_task("sums", {"train": str(train)}, template, "accuracy", labels=("3",),
+                            label_field="a")
+  assert task_sources.load_task("facts", seed=2).splits == tasks_lib.get_task("facts", 2).splits

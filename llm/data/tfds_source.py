@@ -13,7 +13,7 @@ with a message that says what to set.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from llm.data.sources import DataError
 
@@ -154,15 +154,22 @@ def _text(example: Any, text_key: str, name: str) -> str:
                   f"({type(value).__name__}); set config.data.text_key")
 
 
+def load_examples(name: str, split: str, *, data_dir: Optional[str], download: bool,
+                  limit: Optional[int]) -> Iterator[Any]:
+  """The examples (feature dicts) of `split` of TFDS dataset `name`, in order: at most
+  `limit` of them. Fails at once, before yielding, if the dataset is not there."""
+  tfds = _import_tfds()
+  builder = _builder(tfds, name, data_dir, download)
+  return _read_examples(_source(tfds, name, split, builder, data_dir, download), limit)
+
+
 def load(name: str, split: str, *, data_dir: Optional[str], download: bool,
          text_key: str, limit: Optional[int], max_chars: Optional[int] = None) -> list[str]:
   """The texts of `split` of TFDS dataset `name`: at most `limit` of them, and
   no more once `max_chars` characters are read."""
-  tfds = _import_tfds()
-  builder = _builder(tfds, name, data_dir, download)
-  source = _source(tfds, name, split, builder, data_dir, download)
   texts, total = [], 0
-  for example in _read_examples(source, limit):
+  for example in load_examples(name, split, data_dir=data_dir, download=download,
+                               limit=limit):
     texts.append(_text(example, text_key, name))
     total += len(texts[-1])
     if max_chars is not None and total >= max_chars:

@@ -17,7 +17,7 @@ from llm.data.tasks import Task
 from llm.data.templates import few_shot
 from llm.eval import metrics
 from llm.eval.likelihood import log_likelihood
-from llm.inference import SamplingConfig, generate, generate_seq2seq
+from llm.inference import SamplingConfig, generate_sequences
 
 GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
 _LENGTH_BUCKET = 16  # score rows padded to a multiple of this: few distinct shapes to compile
@@ -40,12 +40,10 @@ def _chunks(items: Sequence, batch_size: int) -> list[list]:
 
 
 def _generate_call(module, params, prompt_ids, sampling, pad_id, start_id):
-  """The one call into llm.inference (its return type may grow: adapt here only)."""
+  """The one call into llm.inference, for either family."""
   rng = jax.random.PRNGKey(0)  # greedy decoding draws nothing
-  if module.cfg.family == "encoder_decoder":
-    return generate_seq2seq(module, params, prompt_ids, sampling, rng, pad_id=pad_id,
-                            start_id=start_id)
-  return generate(module, params, prompt_ids, sampling, rng, pad_id=pad_id)
+  return generate_sequences(module, params, prompt_ids, sampling, rng, pad_id=pad_id,
+                            start_id=start_id).lists()
 
 
 def greedy_generate(module, params, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
