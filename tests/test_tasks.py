@@ -263,7 +263,7 @@ def test_jsonl_task(tmp_path):
                             "exact_match")
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"q": "1", "a": "2"}\n{"q": oops}\n')
-  with pytest.raises(DataError, match=r"bad.jsonl:2: not JSON"):
+  with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
     task_sources.jsonl_task("sums", {"train": str(bad)}, template, "exact_match")
   with pytest.raises(DataError, match="missing.jsonl"):
     task_sources.jsonl_task("sums", {"train": str(tmp_path / "missing.jsonl")}, template,

@@ -23,6 +23,8 @@ import numpy as np
 from llm.config import ConfigError
 
 FAMILIES = ("decoder", "encoder_decoder", "encoder")
+_TOKEN_KEYS = ("inputs", "targets", "encoder_inputs")
+_DECODER_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
 
 def generation_prompt(prompt: Sequence[int], tokenizer, family: str) -> list[int]:
@@ -47,17 +49,14 @@ def _keep_right(prompt: list[int], room: int) -> tuple[list[int], bool]:
   return (prompt[len(prompt) - room:] if room > 0 else []), True
 
 
-def _padded(num_rows: int, seq_len: int, fill: int, dtype) -> np.ndarray:
-  return np.full((num_rows, seq_len), fill, dtype)
+def _empty_rows(keys: Sequence[str], num_rows: int, seq_len: int, pad_id: int) -> dict:
+  """All-padding rows: token arrays filled with pad_id, the rest with 0."""
+  return {k: np.full((num_rows, seq_len), pad_id if k in _TOKEN_KEYS else 0,
+                     np.float32 if k == "weights" else np.int32) for k in keys}
 
 
 def _decoder_rows(prompts, completions, tokenizer, seq_len):
-  n = len(prompts)
-  out = {"inputs": _padded(n, seq_len, tokenizer.pad_id, np.int32),
-         "targets": _padded(n, seq_len, tokenizer.pad_id, np.int32),
-         "weights": _padded(n, seq_len, 0, np.float32),
-         "segment_ids": _padded(n, seq_len, 0, np.int32),
-         "positions": _padded(n, seq_len, 0, np.int32)}
+  out = _empty_rows(_DECODER_KEYS, len(prompts), seq_len, tokenizer.pad_id)
   truncated = 0
   for row, (prompt, completion) in enumerate(zip(prompts, completions)):
     # bos + prompt + completion + eos is one longer than the rows it fills.
@@ -75,14 +74,8 @@ def _decoder_rows(prompts, completions, tokenizer, seq_len):
 
 
 def _encoder_decoder_rows(prompts, completions, tokenizer, seq_len, start_id):
-  n = len(prompts)
-  out = {"encoder_inputs": _padded(n, seq_len, tokenizer.pad_id, np.int32),
-         "encoder_segment_ids": _padded(n, seq_len, 0, np.int32),
-         "inputs": _padded(n, seq_len, tokenizer.pad_id, np.int32),
-         "targets": _padded(n, seq_len, tokenizer.pad_id, np.int32),
-         "weights": _padded(n, seq_len, 0, np.float32),
-         "segment_ids": _padded(n, seq_len, 0, np.int32),
-         "positions": _padded(n, seq_len, 0, np.int32)}
+  out = _empty_rows(("encoder_inputs", "encoder_segment_ids", *_DECODER_KEYS), len(prompts),
+                    seq_len, tokenizer.pad_id)
   truncated = 0
   for row, (prompt, completion) in enumerate(zip(prompts, completions)):
     _check_completion(len(completion) + 1, seq_len, seq_len, row)
@@ -107,11 +100,9 @@ def _encoder_rows(prompts, completions, tokenizer, seq_len, labels):
   if seq_len < 3:
     raise ConfigError(f"data.seq_len={seq_len}: classification rows need >= 3 ([CLS] id [SEP])")
   index = {label.strip(): i for i, label in enumerate(labels)}
-  n = len(prompts)
-  out = {"inputs": _padded(n, seq_len, tokenizer.pad_id, np.int32),
-         "segment_ids": _padded(n, seq_len, 0, np.int32),
-         "positions": _padded(n, seq_len, 0, np.int32),
-         "labels": np.zeros((n,), np.int32)}
+  out = _empty_rows(("inputs", "segment_ids", "positions"), len(prompts), seq_len,
+                    tokenizer.pad_id)
+  out["labels"] = np.zeros((len(prompts),), np.int32)
   truncated = 0
   for row, (prompt, completion) in enumerate(zip(prompts, completions)):
     if completion.strip() not in index:

@@ -19,7 +19,7 @@ import json
 import os
 import re
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from llm.data import corpus
 
@@ -92,15 +92,20 @@ def text_file_documents(path: str) -> list[str]:
   return [d.strip() for d in _BLANK_LINES.split(_read_text(path)) if d.strip()]
 
 
-def jsonl_file_documents(path: str, text_key: str) -> list[str]:
-  documents = []
+def jsonl_values(path: str) -> Iterator[tuple[int, Any]]:
+  """(line number, parsed JSON value) of each non-blank line of a JSONL file."""
   for number, line in enumerate(_read_text(path).split("\n"), start=1):
     if not line.strip():
       continue
     try:
-      record = json.loads(line)
+      yield number, json.loads(line)
     except json.JSONDecodeError as e:
       raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+
+
+def jsonl_file_documents(path: str, text_key: str) -> list[str]:
+  documents = []
+  for number, record in jsonl_values(path):
     text = record.get(text_key) if isinstance(record, dict) else None
     if not isinstance(text, str):
       keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__

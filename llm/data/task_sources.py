@@ -11,7 +11,6 @@ classification dataset's integer labels become label words.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import re
 from typing import Any, Mapping, Optional
@@ -20,7 +19,7 @@ import numpy as np
 
 from llm.config import ConfigError
 from llm.data import tfds_source
-from llm.data.sources import DataError
+from llm.data.sources import DataError, jsonl_values
 from llm.data.tasks import Task, get_task
 from llm.data.templates import Template
 
@@ -125,18 +124,10 @@ def tfds_task(name: str, *, data_dir: Optional[str] = None, download: bool = Fal
 
 
 def _read_jsonl(path: str) -> list[dict]:
-  try:
-    lines = pathlib.Path(path).read_text(encoding="utf-8").splitlines()
-  except OSError as e:
-    raise DataError(f"JSONL task file {path!r}: {e.strerror or e}; check the path") from None
+  if not pathlib.Path(path).is_file():
+    raise DataError(f"JSONL task file {path!r}: no such file; check the path")
   records = []
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{number}: not JSON ({e.msg}); one object per line") from None
+  for number, record in jsonl_values(path):
     if not isinstance(record, dict):
       raise DataError(f"{path}:{number}: a {type(record).__name__}, not a JSON object")
     records.append(record)
