@@ -92,38 +92,40 @@ def label_scores(module, params, tokenizer, prompts: Sequence[str],
   return scores.reshape(len(prompts), num_labels)
 
 
-def _prompts(task: Task, tokenizer, split: str, k_shot: int, max_examples: Optional[int],
-             seed: int, max_len: int, reserve: int):
-  """The evaluated records and their k-shot (prompt, completion) pairs, shots from train."""
+def _records(task: Task, split: str, max_examples: Optional[int]) -> list[dict]:
   records = list(task.records(split))[:max_examples]
   if not records:
     raise ConfigError(f"task {task.name!r} split {split!r} has no records to evaluate")
+  return records
+
+
+def _prompts(task: Task, records: Sequence[dict], tokenizer, k_shot: int, seed: int,
+             max_len: int, reserve: int) -> list[tuple[str, str]]:
+  """The k-shot (prompt, completion) of each record, shots drawn from train per record."""
   pool = task.records("train") if k_shot else ()
-  pairs = [few_shot(task.template, record, pool, k_shot, seed=[seed, i], tokenizer=tokenizer,
-                    max_len=max_len, reserve=reserve) for i, record in enumerate(records)]
-  return records, pairs
+  return [few_shot(task.template, record, pool, k_shot, seed=[seed, i], tokenizer=tokenizer,
+                   max_len=max_len, reserve=reserve) for i, record in enumerate(records)]
 
 
-def _evaluate_labels(module, params, tokenizer, task, split, k_shot, max_examples, seed,
-                     batch_size):
-  longest = max(len(t) for t in tokenizer.encode_batch(task.label_completions(
-      task.records(split)[0])))
-  records, pairs = _prompts(task, tokenizer, split, k_shot, max_examples, seed,
-                            module.cfg.max_len, longest + 1)
+def _evaluate_labels(module, params, tokenizer, task, records, k_shot, seed, batch_size):
   options = [task.label_completions(record) for record in records]
+  longest = max(len(t) for t in tokenizer.encode_batch(options[0]))
+  # Room beside the prompt: decoders score [bos] prompt completion, encoders prompt [eos].
+  reserve = longest + 1 if module.cfg.family == "decoder" else 1
+  pairs = _prompts(task, records, tokenizer, k_shot, seed, module.cfg.max_len, reserve)
   scores_NL = label_scores(module, params, tokenizer, [p for p, _ in pairs], options, batch_size)
   gold = [task.labels.index(record[task.label_field]) for record in records]
-  return {**metrics.accuracy(scores_NL.argmax(axis=1), gold), "n": len(records)}
+  return metrics.accuracy(scores_NL.argmax(axis=1), gold)
 
 
-def _evaluate_generation(module, params, tokenizer, task, split, k_shot, max_examples, seed,
-                         generate_fn, batch_size):
-  references = [task.template.apply(r)[1] for r in task.records(split)[:max_examples]]
+def _evaluate_generation(module, params, tokenizer, task, records, k_shot, seed, generate_fn,
+                         batch_size):
+  references = [task.template.apply(record)[1] for record in records]
   max_new_tokens = max(len(t) for t in tokenizer.encode_batch(references)) + 1
   family = module.cfg.family
+  # Room beside the prompt: [bos] and the new tokens for a decoder; [eos] for an encoder.
   reserve = max_new_tokens + 1 if family == "decoder" else 1
-  records, pairs = _prompts(task, tokenizer, split, k_shot, max_examples, seed,
-                            module.cfg.max_len, reserve)
+  pairs = _prompts(task, records, tokenizer, k_shot, seed, module.cfg.max_len, reserve)
   prompt_ids = [generation_prompt(p, tokenizer, family)
                 for p in tokenizer.encode_batch([p for p, _ in pairs])]
   if generate_fn is None:
@@ -132,8 +134,7 @@ def _evaluate_generation(module, params, tokenizer, task, split, k_shot, max_exa
                                     batch_size=batch_size)
   outputs = generate_fn(prompt_ids, max_new_tokens)
   predictions = [tokenizer.decode(ids).strip() for ids in outputs]
-  scores = metrics.GENERATION_METRICS[task.metric](predictions, [c.strip() for _, c in pairs])
-  return {**scores, "n": len(records)}
+  return metrics.GENERATION_METRICS[task.metric](predictions, [r.strip() for r in references])
 
 
 def evaluate_task(module, params, tokenizer, task: Task, split: str = "test", k_shot: int = 0,
@@ -147,11 +148,14 @@ def evaluate_task(module, params, tokenizer, task: Task, split: str = "test", k_
   max_new_tokens) -> token lists` when given (e.g. a model with a soft prompt).
   """
   _check_family(module)
+  records = _records(task, split, max_examples)
   if task.metric == "accuracy":
-    return _evaluate_labels(module, params, tokenizer, task, split, k_shot, max_examples, seed,
-                            batch_size)
-  return _evaluate_generation(module, params, tokenizer, task, split, k_shot, max_examples, seed,
-                              generate_fn, batch_size)
+    scores = _evaluate_labels(module, params, tokenizer, task, records, k_shot, seed,
+                              batch_size)
+  else:
+    scores = _evaluate_generation(module, params, tokenizer, task, records, k_shot, seed,
+                                  generate_fn, batch_size)
+  return {**scores, "n": len(records)}
 
 
 def evaluate_few_shot(module, params, tokenizer, task: Task, ks: Sequence[int] = (0, 1, 4),
