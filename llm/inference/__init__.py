@@ -6,3 +6,4 @@ from llm.inference.generate import (Generation, generate, generate_sequences, ge
                                     right_pad)
 from llm.inference.sampling import (SamplingConfig, sample, sampling_logits, token_logprobs,
                                     top_k_filter, top_p_filter, untrained_ids)
+from llm.inference.beam import beam_search
