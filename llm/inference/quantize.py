@@ -12,6 +12,7 @@ changes a token's whole MLP for a few bytes saved).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -79,10 +80,15 @@ def quantize_params(params, mode: str):
   if mode in HALF:
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, HALF[mode]), params)
 
+  return _quantize_tree(params, BITS[mode])
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_tree(params, bits: int):
   def leaf(path, x):
     contract = contracted_axes(path, x.shape)
-    return x if contract is None else quantize(x, contract, BITS[mode])
-  return jax.jit(lambda p: jax.tree_util.tree_map_with_path(leaf, p))(params)
+    return x if contract is None else quantize(x, contract, bits)
+  return jax.tree_util.tree_map_with_path(leaf, params)
 
 
 def _is_q(x) -> bool:
