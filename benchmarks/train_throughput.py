@@ -95,10 +95,9 @@ def peer(tokens: np.ndarray):
 
 def breakdown(holder, batch, steps: int, repeats: int) -> dict:
   """Seconds per call of forward, forward+backward (grads), and the whole train step."""
-  from llm.train.step import _loss_sums
   state = holder["state"]
-  fwd = jax.jit(lambda p, b: _loss_sums(state.forward, p, b, None)[0]["loss_sum"])
-  grad = jax.jit(jax.grad(lambda p, b: _loss_sums(state.forward, p, b, None)[0]["loss_sum"]))
+  loss = lambda p, b: state.loss_fn(p, state.frozen, b, None)[0]["loss_sum"]
+  fwd, grad = jax.jit(loss), jax.jit(jax.grad(loss))
   out = {}
   for name, fn in (("forward", fwd), ("forward_backward", grad)):
     call = lambda: jax.block_until_ready(fn(holder["state"].params, batch))

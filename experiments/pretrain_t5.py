@@ -13,8 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments.common import one_line_errors, start
-from llm import models, train
-from llm.data import pipeline
+from llm import models, objectives, train
 from llm.inference import SamplingConfig, generate_seq2seq
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/t5.py:tiny", "Experiment config.")
@@ -30,8 +29,9 @@ def main(argv):
   print(json.dumps({k: last.get(k) for k in ("step", "train_loss", "eval_loss",
                                              "eval_accuracy", "tokens_per_s")}))
   _, params, tokenizer = train.load(_WORKDIR.value)
-  rows = pipeline.build_rows(cfg.data, tokenizer, cfg.data.eval_split)
-  batch = pipeline.batch_fn(cfg.data, tokenizer)({"chunks": rows["chunks"][:2]}, 0)
+  span = objectives.get("span")
+  rows = span.rows(cfg, tokenizer, cfg.data.eval_split)
+  batch = span.batches(cfg, tokenizer)({"chunks": rows["chunks"][:2]}, 0)
   inputs = [[t for t in row if t != tokenizer.pad_id] for row in batch["encoder_inputs"]]
   outs = generate_seq2seq(models.build(cfg.model), params, inputs,
                           SamplingConfig(temperature=0, max_new_tokens=cfg.train.sample_tokens,

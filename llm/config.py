@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from typing import Any, Mapping, Optional
@@ -30,6 +31,20 @@ class MoEConfig:
   aux_loss_weight: float = 0.01  # load balancing (Switch / GShard)
   z_loss_weight: float = 0.001  # router z-loss (ST-MoE)
   renormalize: bool = True  # top-k gate weights sum to 1 (Mixtral); False keeps softmax probs
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+  """Parameter-efficient adaptation (`llm.peft`); `method` picks what is trainable."""
+
+  method: str = "full"  # full | lora | prompt | adapter | bitfit
+  lora_rank: int = 8
+  lora_alpha: float = 16.0  # the update is (alpha / rank) * x A B
+  lora_dropout: float = 0.0
+  lora_targets: str = r"/(query|key|value|out|wi|wi_gate|wi_up|wo)$"  # regex on module paths
+  prompt_length: int = 16  # soft-prompt (virtual) tokens prepended to the input
+  prompt_init: str = "vocab"  # vocab (copies of random vocabulary embeddings) | random
+  adapter_dim: int = 16  # bottleneck width of the adapters after attention and MLP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +83,7 @@ class ModelConfig:
   relative_buckets: int = 32  # T5 relative-position bias buckets
   relative_max_distance: int = 128
   moe: MoEConfig = MoEConfig()
+  peft: PeftConfig = PeftConfig()
 
   @property
   def kv_heads(self) -> int:
@@ -92,7 +108,12 @@ class DataConfig:
   num_sentinels: int = 100  # ids reserved for span-corruption sentinels
   max_documents: int = 0  # 0 = all
   shuffle_seed: int = 0
-  objective: str = "clm"  # clm | mlm | prefix_lm | span (T5 span corruption)
+  objective: str = "clm"  # clm | mlm | prefix_lm | span (T5 span corruption) | sft
+  # sft: comma-separated tasks, each `name[:rate]`: a generated task (llm.data.tasks),
+  # tfds:NAME or jsonl:PATH; rates weigh the multitask mixture (default: by size).
+  tasks: str = ""
+  prompt_key: str = "prompt"  # jsonl tasks: the record fields holding prompt / completion
+  completion_key: str = "completion"
   mlm_probability: float = 0.15  # share of tokens selected for the MLM loss
   mlm_mask_ratio: float = 0.8  # of those: replaced by <mask>
   mlm_random_ratio: float = 0.1  # replaced by a random token (the rest are kept)
@@ -122,6 +143,12 @@ class TrainConfig:
   peak_flops: float = 0.0  # per device; 0 -> measured with a matmul at start
   num_samples: int = 3  # samples printed at the end of training
   sample_tokens: int = 32
+  # Start from a pretraining workdir or a Hugging Face checkpoint directory instead of
+  # random init; the model config then comes from there (peft and dropout from this run).
+  init_from: str = ""
+  # Regex over param paths ("layers/attn/query/kernel") selecting the trainable params;
+  # "" = what model.peft.method trains (full: all; lora: lora_a/b; prompt: soft_prompt; ...).
+  trainable: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +166,7 @@ class Config:
   parallel: ParallelConfig = ParallelConfig()
 
 
-_NESTED = {"MoEConfig": MoEConfig}
+_NESTED = {"MoEConfig": MoEConfig, "PeftConfig": PeftConfig}
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
              "parallel": ParallelConfig}
 _CHOICES = {
@@ -150,7 +177,8 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),
-    "data.objective": ("clm", "mlm", "prefix_lm", "span"),
+    "model.peft.method": ("full", "lora", "prompt", "adapter", "bitfit"),
+    "model.peft.prompt_init": ("vocab", "random"),
 }
 
 
@@ -229,6 +257,17 @@ def validate_model(m: ModelConfig) -> ModelConfig:
       _require(not m.scan_layers or depth % e.every == 0,
                f"config.model.moe.every={e.every}: must divide model.{name}={depth} when "
                "scan_layers (the scan repeats groups of `every` layers)")
+  p = m.peft
+  _require(p.lora_rank > 0, f"config.model.peft.lora_rank={p.lora_rank}: must be > 0")
+  _require(0.0 <= p.lora_dropout < 1.0,
+           f"config.model.peft.lora_dropout={p.lora_dropout}: must be in [0, 1)")
+  _require(p.prompt_length > 0,
+           f"config.model.peft.prompt_length={p.prompt_length}: must be > 0")
+  _require(p.adapter_dim > 0, f"config.model.peft.adapter_dim={p.adapter_dim}: must be > 0")
+  try:
+    re.compile(p.lora_targets)
+  except re.error as e:
+    raise ConfigError(f"config.model.peft.lora_targets={p.lora_targets!r}: not a regex ({e})")
   return m
 
 
@@ -246,11 +285,20 @@ def validate(cfg: Config) -> Config:
            f"config.data.noise_density={d.noise_density}: must be in (0, 1)")
   _require(d.mean_span_length >= 1.0,
            f"config.data.mean_span_length={d.mean_span_length}: must be >= 1")
-  wants = {"mlm": "encoder", "clm": "decoder", "prefix_lm": "decoder",
-           "span": "encoder_decoder"}[d.objective]
-  _require(cfg.model.family == wants,
-           f"config.data.objective={d.objective!r} trains a {wants} model, but "
-           f"config.model.family={cfg.model.family!r}; change one of them")
+  from llm.objectives import OBJECTIVES  # the registry imports this module
+  _require(d.objective in OBJECTIVES,
+           f"config.data.objective={d.objective!r}: must be one of {', '.join(OBJECTIVES)}")
+  families = OBJECTIVES[d.objective].families
+  _require(cfg.model.family in families,
+           f"config.data.objective={d.objective!r} trains a {' or '.join(families)} model, "
+           f"but config.model.family={cfg.model.family!r}; change one of them")
+  _require(d.objective != "sft" or d.tasks,
+           "config.data.tasks is empty: the sft objective needs tasks, e.g. "
+           "--config.data.tasks=arithmetic or tfds:samsum or jsonl:/data/train.jsonl")
+  try:
+    re.compile(t.trainable)
+  except re.error as e:
+    raise ConfigError(f"config.train.trainable={t.trainable!r}: not a regex ({e})")
   _require(t.steps > 0, f"config.train.steps={t.steps}: must be > 0")
   _require(t.microbatches > 0 and d.batch_size % t.microbatches == 0,
            f"config.train.microbatches={t.microbatches}: must divide "

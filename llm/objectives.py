@@ -1,18 +1,32 @@
-"""Training objectives as pure functions: weighted token cross-entropy."""
+"""Training objectives: one registered object per objective owns its data (rows and
+per-step batches), the model call and the loss, so `train_step` and the loop never
+branch on the objective (nanodo passes the loss into the step the same way).
+
+An objective's loss is `(module, trainable, frozen, batch, rng) -> (sums, aux)`: sums
+are summed over tokens (loss_sum, weight_sum, correct_sum, ...) so that gradient
+accumulation and multi-batch evaluation weight every token equally; entries of aux
+ending in "_loss" are already weighted and added to the loss per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from llm.data import pipeline
 from llm.layers.attention import prefix_lm_mask  # noqa: F401 (the mask lives with attention)
+from llm.models import apply_batch
+
+Batch = dict
 
 
 def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array) -> dict:
-  """Sums (not means) of loss, weight and correct predictions over the weighted tokens.
-
-  Returning sums lets gradient accumulation and multi-batch evaluation weight every
-  token equally, however the tokens fall into micro-batches.
-  """
+  """Sums (not means) of loss, weight and correct predictions over the weighted tokens."""
   logits_BTV = logits_BTV.astype(jnp.float32)
   nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
   weights_BT = weights_BT.astype(jnp.float32)
@@ -20,3 +34,95 @@ def token_losses(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.A
   return {"loss_sum": jnp.sum(nll_BT * weights_BT),
           "weight_sum": jnp.sum(weights_BT),
           "correct_sum": jnp.sum(correct_BT * weights_BT)}
+
+
+def merge_params(trainable: dict, frozen: dict) -> dict:
+  """One param tree from the two partitions (see `llm.peft.partition`)."""
+  out = dict(frozen)
+  for key, value in trainable.items():
+    out[key] = merge_params(value, frozen[key]) if isinstance(value, dict) and key in frozen \
+        else value
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """Token cross-entropy on `targets` weighted by `weights`; subclasses set the data."""
+
+  name: str
+  families: tuple[str, ...]
+  rows_fn: Callable = pipeline.packed_lm_rows  # (data_cfg, tokenizer, split) -> rows
+  batch_fn: Callable = pipeline.identity_batch_fn  # (data_cfg, tokenizer) -> (rows, step) -> batch
+
+  def rows(self, cfg, tokenizer, split: str) -> Batch:
+    return self.rows_fn(data_config(cfg), tokenizer, split)
+
+  def batches(self, cfg, tokenizer) -> Callable[[Batch, int], Batch]:
+    """(rows of one batch, step) -> the model's batch; prompt tuning's virtual tokens are
+    put in front here, whatever the objective."""
+    make = self.batch_fn(data_config(cfg), tokenizer)
+    if cfg.model.peft.method != "prompt":
+      return make
+    from llm.peft.prompt import prepend_virtual_tokens
+    n = cfg.model.peft.prompt_length
+    return lambda rows, step: prepend_virtual_tokens(make(rows, step), n, cfg.model)
+
+  def eval_set(self, cfg, tokenizer, rows) -> list[Batch]:
+    return pipeline.eval_set(self.batches(cfg, tokenizer), rows, cfg.data.batch_size,
+                             cfg.train.eval_batches)
+
+  def example_batch(self, cfg, batch_size: int = 1) -> Batch:
+    """Zeros shaped like a batch (for init, tracing and benchmarks)."""
+    shape = (batch_size, cfg.data.seq_len)
+    zeros = lambda dtype: np.zeros(shape, dtype)
+    return {"inputs": zeros(np.int32), "targets": zeros(np.int32),
+            "segment_ids": np.ones(shape, np.int32), "positions": zeros(np.int32),
+            "weights": np.ones(shape, np.float32), "encoder_inputs": zeros(np.int32),
+            "encoder_segment_ids": np.ones(shape, np.int32)}
+
+  def model_kwargs(self, batch: Batch) -> dict:
+    return {}
+
+  def loss(self, module, trainable, frozen, batch: Batch, rng) -> tuple[dict, dict]:
+    params = merge_params(trainable, frozen)
+    logits_BTV, aux = apply_batch(module, params, batch, rng, **self.model_kwargs(batch))
+    return token_losses(logits_BTV, batch["targets"], batch["weights"]), aux
+
+
+def data_config(cfg):
+  """The data config rows are built with: prompt tuning's virtual tokens take seq_len room."""
+  if cfg.model.peft.method != "prompt":
+    return cfg.data
+  return dataclasses.replace(cfg.data, seq_len=cfg.data.seq_len - cfg.model.peft.prompt_length)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixLM(Objective):
+  def model_kwargs(self, batch):
+    return {"prefix_BT": batch["prefix"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedLM(Objective):
+  def model_kwargs(self, batch):
+    return {"output": "mlm"}
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register(objective: Objective) -> Objective:
+  OBJECTIVES[objective.name] = objective
+  return objective
+
+
+register(Objective("clm", ("decoder",)))
+register(PrefixLM("prefix_lm", ("decoder",), batch_fn=pipeline.prefix_lm_batch_fn))
+register(MaskedLM("mlm", ("encoder",), rows_fn=pipeline.mlm_rows,
+                  batch_fn=pipeline.mlm_batch_fn))
+register(Objective("span", ("encoder_decoder",), rows_fn=pipeline.span_rows,
+                   batch_fn=pipeline.span_batch_fn))
+
+
+def get(name: str) -> Objective:
+  return OBJECTIVES[name]

@@ -1,4 +1,4 @@
-"""Objective-specific rows and per-step batches: the one place the loop asks for data.
+"""Per-objective rows and per-step batches, called by the objectives (`llm.objectives`).
 
 Rows are built once per split (cached where building is slow); randomness that
 should differ per epoch (MLM masks) is drawn per batch from a generator seeded by
@@ -15,33 +15,44 @@ from llm.data import objectives, packing, sources
 from llm.data.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
+BatchFn = Callable[[Batch, int], Batch]
 
 
-def build_rows(data_cfg, tokenizer: Tokenizer, split: str) -> dict[str, np.ndarray]:
-  if data_cfg.objective in ("clm", "prefix_lm"):
-    return packing.build_dataset(data_cfg, tokenizer, split)
-  documents = sources.load_documents(data_cfg, split)
-  token_lists = packing.tokenize_documents(tokenizer, documents)
-  if data_cfg.objective == "span":  # raw chunks; the noise is drawn per batch
-    tokens_length, _ = objectives.span_corruption_lengths(
-        data_cfg.seq_len, data_cfg.noise_density, data_cfg.mean_span_length)
-    return {"chunks": objectives.span_corruption_chunks(token_lists, tokens_length,
-                                                        tokenizer.eos_id, tokenizer.pad_id)}
-  return objectives.build_mlm_rows(token_lists, data_cfg.seq_len, cls_id=tokenizer.bos_id,
-                                   sep_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+def packed_lm_rows(data_cfg, tokenizer: Tokenizer, split: str) -> Batch:
+  """Documents packed into rows of seq_len with segment ids and positions (CLM, prefix LM)."""
+  return packing.build_dataset(data_cfg, tokenizer, split)
 
 
-def batch_fn(data_cfg, tokenizer: Tokenizer) -> Callable[[Batch, int], Batch]:
-  """(rows of one batch, step) -> the model's batch: inputs, targets, weights, ..."""
+def _token_lists(data_cfg, tokenizer: Tokenizer, split: str):
+  return packing.tokenize_documents(tokenizer, sources.load_documents(data_cfg, split))
+
+
+def mlm_rows(data_cfg, tokenizer: Tokenizer, split: str) -> Batch:
+  return objectives.build_mlm_rows(_token_lists(data_cfg, tokenizer, split), data_cfg.seq_len,
+                                   cls_id=tokenizer.bos_id, sep_id=tokenizer.eos_id,
+                                   pad_id=tokenizer.pad_id)
+
+
+def span_rows(data_cfg, tokenizer: Tokenizer, split: str) -> Batch:
+  """Raw chunks long enough to become seq_len encoder tokens; the noise is drawn per batch."""
+  tokens_length, _ = objectives.span_corruption_lengths(
+      data_cfg.seq_len, data_cfg.noise_density, data_cfg.mean_span_length)
+  return {"chunks": objectives.span_corruption_chunks(_token_lists(data_cfg, tokenizer, split),
+                                                      tokens_length, tokenizer.eos_id,
+                                                      tokenizer.pad_id)}
+
+
+def identity_batch_fn(data_cfg, tokenizer: Tokenizer) -> BatchFn:
+  return lambda rows, step: rows
+
+
+def prefix_lm_batch_fn(data_cfg, tokenizer: Tokenizer) -> BatchFn:
   seed = data_cfg.shuffle_seed
-  if data_cfg.objective == "clm":
-    return lambda rows, step: rows
-  if data_cfg.objective == "span":
-    return _span_batch_fn(data_cfg, tokenizer)
-  if data_cfg.objective == "prefix_lm":
-    return lambda rows, step: objectives.prefix_lm_split(rows, np.random.default_rng([seed,
-                                                                                       step]))
-  whole_words = data_cfg.whole_word_masking
+  return lambda rows, step: objectives.prefix_lm_split(rows, np.random.default_rng([seed, step]))
+
+
+def mlm_batch_fn(data_cfg, tokenizer: Tokenizer) -> BatchFn:
+  seed, whole_words = data_cfg.shuffle_seed, data_cfg.whole_word_masking
   mask_kwargs = dict(mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size,
                      special_ids=objectives.special_ids(tokenizer),
                      mlm_probability=data_cfg.mlm_probability,
@@ -54,7 +65,7 @@ def batch_fn(data_cfg, tokenizer: Tokenizer) -> Callable[[Batch, int], Batch]:
   return mlm
 
 
-def _span_batch_fn(data_cfg, tokenizer: Tokenizer):
+def span_batch_fn(data_cfg, tokenizer: Tokenizer) -> BatchFn:
   seed = data_cfg.shuffle_seed
 
   def span(rows, step):
@@ -70,11 +81,10 @@ def _span_batch_fn(data_cfg, tokenizer: Tokenizer):
   return span
 
 
-def eval_set(data_cfg, tokenizer: Tokenizer, rows, batch_size: int, num_batches: int):
+def eval_set(make_batch: BatchFn, rows, batch_size: int, num_batches: int) -> list[Batch]:
   """Fixed evaluation batches (fixed masks too), the same at every evaluation."""
   from llm.data.iterator import eval_batches
-  make = batch_fn(data_cfg, tokenizer)
-  return [make(batch, EVAL_STEP_BASE + i)
+  return [make_batch(batch, EVAL_STEP_BASE + i)
           for i, batch in enumerate(eval_batches(rows, batch_size, num_batches))]
 
 

@@ -1,12 +1,6 @@
-"""Evaluation metrics (perplexity, ROUGE, BLEU, few-shot land here)."""
+"""Evaluation: per-token log-likelihood (any family), perplexity, unigram entropy."""
 
-import numpy as np
+from llm.eval.entropy import unigram_entropy
+from llm.eval.likelihood import log_likelihood, perplexity, token_log_probs
 
-
-def unigram_entropy(targets: np.ndarray, weights: np.ndarray) -> float:
-  """Entropy (nats/token) of the empirical unigram distribution of the weighted targets:
-  the loss of the best model that ignores context, a floor any LM should beat."""
-  ids = np.asarray(targets)[np.asarray(weights) > 0]
-  counts = np.bincount(ids.ravel())
-  probs = counts[counts > 0] / counts.sum()
-  return float(-(probs * np.log(probs)).sum())
+__all__ = ["log_likelihood", "perplexity", "token_log_probs", "unigram_entropy"]

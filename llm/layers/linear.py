@@ -1,4 +1,11 @@
-"""The one projection every layer uses, so LoRA and quantization reach all of them."""
+"""The one matmul every layer uses, so LoRA and quantization reach all of them.
+
+`dot` is the only place a param kernel meets an activation: `Linear`, the experts'
+`ExpertLinear` and the tied output embedding (`Embed.attend`) all call it. A quantized
+kernel (`llm.layers.quant.QArray`: any object with `quantized_dot` and `quantized_take`) plugs in
+here without the models knowing; LoRA wraps the three modules by interception
+(`llm.peft.lora`).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,26 @@ from llm.layers.common import dtype_of
 def logical_init(init, names: Sequence[str | None]):
   """Wraps an initializer so the param carries logical axis names for sharding."""
   return nn.with_logical_partitioning(init, tuple(names))
+
+
+def dot(x: jax.Array, kernel, dimension_numbers, dtype) -> jax.Array:
+  """lax.dot_general(x, kernel) in the compute `dtype`, for float or quantized kernels."""
+  dtype = dtype_of(dtype)
+  if hasattr(kernel, "quantized_dot"):  # a quantized kernel dequantizes inside its own dot
+    return kernel.quantized_dot(x.astype(dtype), dimension_numbers, dtype)
+  return jax.lax.dot_general(x.astype(dtype), jnp.asarray(kernel, dtype), dimension_numbers)
+
+
+def take_rows(table, ids: jax.Array, dtype) -> jax.Array:
+  """Rows `ids` of an embedding table (float or quantized), in the compute `dtype`."""
+  if hasattr(table, "quantized_take"):
+    return table.quantized_take(ids, dtype_of(dtype))
+  return jnp.take(table, ids, axis=0).astype(dtype_of(dtype))
+
+
+def contract_last(x_ndim: int, in_dims: int):
+  """dimension_numbers contracting the last `in_dims` axes of x with a kernel's first."""
+  return ((tuple(range(x_ndim - in_dims, x_ndim)), tuple(range(in_dims))), ((), ()))
 
 
 class Linear(nn.Module):
@@ -38,13 +65,9 @@ class Linear(nn.Module):
         "kernel",
         logical_init(nn.initializers.normal(self.init_std), self.axes),
         (*in_shape, *self.features), dtype_of(self.param_dtype))
-    dtype = dtype_of(self.dtype)
-    contract = tuple(range(x.ndim - self.in_dims, x.ndim))
-    y = jax.lax.dot_general(
-        x.astype(dtype), jnp.asarray(kernel, dtype),
-        ((contract, tuple(range(self.in_dims))), ((), ())))
+    y = dot(x, kernel, contract_last(x.ndim, self.in_dims), self.dtype)
     if self.use_bias:
       bias = self.param("bias", logical_init(nn.initializers.zeros, self.axes[self.in_dims:]),
                         self.features, dtype_of(self.param_dtype))
-      y = y + jnp.asarray(bias, dtype)
+      y = y + jnp.asarray(bias, dtype_of(self.dtype))
     return y

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from llm.config import ModelConfig
 from llm.layers.common import dtype_of
-from llm.layers.linear import Linear, logical_init
+from llm.layers.linear import Linear, dot, logical_init
 from llm.layers.mlp import _ACTIVATIONS, GATED
 
 STATS = "moe_stats"  # the collection MoE layers sow into
@@ -155,7 +155,9 @@ class ExpertLinear(nn.Module):
         "kernel", logical_init(nn.initializers.normal(self.init_std), self.axes),
         (num_experts, size_in, self.features), dtype_of(self.param_dtype))
     dtype = dtype_of(self.dtype)
-    y_BECO = jnp.einsum("beci,eio->beco", x_BECI.astype(dtype), jnp.asarray(kernel_EIO, dtype))
+    # Experts are a batch dimension of the one `dot`: (E, B, C, O) out, then B first.
+    y_EBCO = dot(x_BECI, kernel_EIO, (((3,), (1,)), ((1,), (0,))), dtype)
+    y_BECO = jnp.transpose(y_EBCO, (1, 0, 2, 3))
     if self.use_bias:
       bias_axes = (self.axes[0], self.axes[2])
       bias_EO = self.param("bias", logical_init(nn.initializers.zeros, bias_axes),

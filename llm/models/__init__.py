@@ -1,4 +1,6 @@
-"""Model families: `build(cfg)` returns the Linen module for `cfg.family`."""
+"""Model families: `build(cfg)` returns the Linen module for `cfg.family`;
+`apply_batch` runs any family on a batch dict (the one place that knows each family's
+positional inputs)."""
 
 from __future__ import annotations
 
@@ -11,48 +13,58 @@ from llm.models.encoder import Encoder, mean_pool
 from llm.models.encoder_decoder import EncoderDecoder
 
 
+FAMILIES = {"decoder": Decoder, "encoder": Encoder, "encoder_decoder": EncoderDecoder}
+
+
 def build(cfg: ModelConfig, num_labels: int = 0) -> nn.Module:
-  if cfg.family == "decoder":
-    return Decoder(cfg)
-  if cfg.family == "encoder":
-    return Encoder(cfg, num_labels=num_labels)
-  return EncoderDecoder(cfg)
+  """The family's module; wrapped in `llm.peft.Adapted` when `cfg.peft.method` adds params
+  (lora, prompt, adapter), which leaves the call signature and the base tree as they are."""
+  from llm.peft.module import Adapted, needs_interception  # peft builds on the layers here
+  kwargs = {"num_labels": num_labels} if cfg.family == "encoder" else {}
+  if needs_interception(cfg):
+    return Adapted(cfg, FAMILIES[cfg.family], tuple(sorted(kwargs.items())))
+  return FAMILIES[cfg.family](cfg, **kwargs)
 
 
-def init_args(cfg: ModelConfig, batch: dict) -> tuple:
-  """The positional inputs `module.init` needs for this family, taken from a batch."""
-  if cfg.family == "encoder_decoder":
-    return batch["encoder_inputs"], batch["inputs"]
-  return (batch["inputs"],)
+# Positional inputs of each family, by batch key (None: let the model default it).
+_INPUTS = {
+    "decoder": ("inputs", "positions", "segment_ids"),
+    "encoder": ("inputs", "positions", "segment_ids"),
+    "encoder_decoder": ("encoder_inputs", "inputs", "encoder_segment_ids", "positions",
+                        "segment_ids"),
+}
 
 
-def make_forward(module: nn.Module):
-  """(params, batch, rng|None) -> (logits_BTV, aux_losses): the train step's view of a model.
+def batch_inputs(cfg: ModelConfig, batch: dict, init: bool = False) -> tuple:
+  """The positional inputs of `cfg.family`'s __call__, taken from a batch dict.
 
-  aux_losses are already weighted (e.g. MoE load balancing + router z-loss).
+  `init` keeps only the required leading tokens (what `module.init` needs)."""
+  keys = _INPUTS[cfg.family]
+  if init:
+    keys = keys[:2] if cfg.family == "encoder_decoder" else keys[:1]
+  return tuple(batch.get(k) for k in keys)
 
-  `rng` None means deterministic (eval); otherwise it seeds dropout.
+
+def apply_batch(module: nn.Module, params, batch: dict, rng=None, **kwargs):
+  """(logits, aux) of `module` on `batch`: the one family-agnostic model call.
+
+  `rng` None means deterministic (eval); otherwise it seeds dropout. `kwargs` go to the
+  module (e.g. `prefix_BT` for a prefix LM, `output="mlm"` for an encoder). aux holds
+  the already weighted MoE losses ("moe_aux_loss") and routing stats, or is empty.
   """
   cfg = module.cfg
+  deterministic = rng is None
+  rngs = None if deterministic else {"dropout": rng}
+  logits, mutated = module.apply({"params": params}, *batch_inputs(cfg, batch),
+                                 deterministic=deterministic, rngs=rngs, mutable=[STATS],
+                                 **kwargs)
+  stats = collect_moe_stats(mutated.get(STATS, {}))
+  if not stats:
+    return logits, {}
+  return logits, {"moe_aux_loss": stats["aux_loss"],
+                  "moe_dropped_fraction": stats["dropped_fraction"],
+                  "moe_expert_load": stats["expert_load"]}
 
-  def forward(params, batch, rng):
-    deterministic = rng is None or cfg.dropout == 0.0
-    rngs = None if deterministic else {"dropout": rng}
-    if cfg.family == "encoder_decoder":
-      logits, mutated = module.apply(
-          {"params": params}, batch["encoder_inputs"], batch["inputs"],
-          batch["encoder_segment_ids"], batch.get("positions"), batch.get("segment_ids"),
-          deterministic=deterministic, rngs=rngs, mutable=[STATS])
-    else:
-      extra = {"output": "mlm"} if cfg.family == "encoder" else (
-          {"prefix_BT": batch["prefix"]} if "prefix" in batch else {})
-      logits, mutated = module.apply(
-          {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
-          deterministic=deterministic, rngs=rngs, mutable=[STATS], **extra)
-    stats = collect_moe_stats(mutated.get(STATS, {}))
-    if not stats:
-      return logits, {}
-    return logits, {"moe_aux_loss": stats["aux_loss"],
-                    "moe_dropped_fraction": stats["dropped_fraction"],
-                    "moe_expert_load": stats["expert_load"]}
-  return forward
+
+__all__ = ["Decoder", "Encoder", "EncoderDecoder", "FAMILIES", "apply_batch", "batch_inputs", "build",
+           "mean_pool"]

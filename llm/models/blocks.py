@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from llm.config import ModelConfig
 from llm.layers.attention import Attention
 from llm.layers.common import dtype_of
-from llm.layers.linear import logical_init
+from llm.layers.linear import dot, logical_init, take_rows
 from llm.layers.mlp import MLP
 from llm.layers.moe import STATS, MoE
 from llm.layers.norm import Norm
@@ -118,7 +118,11 @@ def block_stack(block_cls, cfg: ModelConfig, num_args: int = 3, **block_kwargs):
 
 
 class Embed(nn.Module):
-  """Token embedding; `attend` reuses the table as a tied output projection."""
+  """Token embedding; `attend` reuses the table as a tied output projection.
+
+  Compact, with both uses in `__call__`, so interceptors (LoRA, prompt tuning) may create
+  params beside the table in either use.
+  """
 
   num_embeddings: int
   features: int
@@ -127,16 +131,17 @@ class Embed(nn.Module):
   param_dtype: str = "float32"
   init_std: float = 0.02
 
-  def setup(self):
-    self.embedding = self.param(
+  @nn.compact
+  def __call__(self, ids_or_x, attend: bool = False):
+    table = self.param(
         "embedding", logical_init(nn.initializers.normal(self.init_std), self.axes),
         (self.num_embeddings, self.features), dtype_of(self.param_dtype))
-
-  def __call__(self, ids):
-    return jnp.take(self.embedding, ids, axis=0).astype(dtype_of(self.dtype))
+    if attend:  # logits x E^T, through the one `dot`
+      return dot(ids_or_x, table, (((ids_or_x.ndim - 1,), (1,)), ((), ())), self.dtype)
+    return take_rows(table, ids_or_x, self.dtype)
 
   def attend(self, x_BTD):
-    return jnp.einsum("btd,vd->btv", x_BTD, self.embedding.astype(dtype_of(self.dtype)))
+    return self(x_BTD, attend=True)
 
 
 def default_positions(segment_ids_BT: jax.Array) -> jax.Array:

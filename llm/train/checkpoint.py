@@ -70,8 +70,8 @@ def write_or_check_config(workdir: str, cfg: config_lib.Config) -> None:
     with open(path) as f:
       saved = json.load(f)
     current = config_lib.to_dict(cfg.model)
-    diffs = [f"model.{k}: {saved['model'].get(k)!r} in workdir vs {v!r} now"
-             for k, v in current.items() if saved["model"].get(k) != v]
+    diffs = [f"model.{k}: {saved['model'][k]!r} in workdir vs {v!r} now"
+             for k, v in current.items() if k in saved["model"] and saved["model"][k] != v]
     if diffs:
       raise ConfigError(f"--workdir {workdir} holds a checkpoint of a different model "
                         f"({'; '.join(diffs[:3])}); use a new --workdir or the same model config")

@@ -15,41 +15,48 @@ import jax
 import jax.numpy as jnp
 
 from llm import data as data_lib
-from llm.data import pipeline
-from llm import models, parallel, scaling
+from llm import models, objectives, parallel, peft, scaling
 from llm.config import Config
 from llm.inference import SamplingConfig, generate
 from llm.train import checkpoint as ckpt
 from llm.train.metrics import MetricsWriter, measure_matmul_peak, plot_losses, to_plain
 from llm.train.optimizer import make_optimizer, schedule
-from llm.train.state import init_state
-from llm.train.step import eval_step, train_step
+from llm.train import init_from
+from llm.train.state import init_params, init_state
+from llm.train.step import eval_step, mean_metrics, train_step
 
 log = logging.getLogger(__name__)
 
 
-def example_batch(cfg: Config, batch_size: int | None = None) -> dict:
-  shape = (batch_size or cfg.data.batch_size, cfg.data.seq_len)
-  return {"inputs": jnp.zeros(shape, jnp.int32), "targets": jnp.zeros(shape, jnp.int32),
-          "segment_ids": jnp.ones(shape, jnp.int32), "positions": jnp.zeros(shape, jnp.int32),
-          "weights": jnp.ones(shape, jnp.float32), "encoder_inputs": jnp.zeros(shape, jnp.int32),
-          "encoder_segment_ids": jnp.ones(shape, jnp.int32)}
-
-
-def create_state(cfg: Config, mesh):
+def create_state(cfg: Config, mesh, params=None):
   """A train state whose params / optimizer state are sharded on `mesh` by logical names.
 
   Init runs under jit with those output shardings, so no device ever holds the full
-  unsharded model (what FSDP needs at scale). Returns (state, state_shardings).
+  unsharded model (what FSDP needs at scale). `params` (host arrays, e.g. pretrained
+  weights overlaid on a fresh init) replace the random init. Returns (state, shardings).
   """
   module = models.build(cfg.model)
-  make = functools.partial(init_state, module, models.make_forward(module),
-                           make_optimizer(cfg.train), example_batch(cfg, 1), cfg.train.seed,
-                           cfg.train.microbatches)
+  objective = objectives.get(cfg.data.objective)
+  trainable = peft.trainable_pattern(cfg.model.peft, cfg.train.trainable)
+  make = functools.partial(init_state, module, functools.partial(objective.loss, module),
+                           make_optimizer(cfg.train), objective.example_batch(cfg, 1),
+                           cfg.train.seed, trainable, cfg.train.microbatches)
   abstract_boxed = jax.eval_shape(functools.partial(make, boxed=True))
   shardings = parallel.tree_shardings(abstract_boxed, mesh)
-  state = jax.jit(make, out_shardings=shardings)()
-  return state, shardings
+  if params is None:
+    return jax.jit(make, out_shardings=shardings)(), shardings
+  return jax.jit(lambda p: make(params=p), out_shardings=shardings)(params), shardings
+
+
+def _initial_params(cfg: Config, base_params) -> dict:
+  """A fresh init of the (adapted) model with every base param from `base_params`."""
+  module = models.build(cfg.model)
+  example = objectives.get(cfg.data.objective).example_batch(cfg, 1)
+  fresh = jax.device_get(jax.jit(lambda: init_params(module, example, cfg.train.seed))())
+  params = init_from.overlay(fresh, base_params)
+  if cfg.model.peft.method == "prompt":
+    params = peft.prompt.init_from_vocab(params, cfg.model.peft, cfg.train.seed)
+  return params
 
 
 def compiled_steps(state_shardings, mesh):
@@ -61,30 +68,37 @@ def compiled_steps(state_shardings, mesh):
 
 
 def evaluate_loss(eval_fn, state, batches, mesh) -> dict:
-  totals = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
+  totals: dict = {}
   for batch in batches:
     sums = jax.device_get(eval_fn(state, parallel.shard_batch(batch, mesh)))
-    totals = {k: totals[k] + float(sums[k]) for k in totals}
-  denom = max(totals["weight_sum"], 1.0)
-  return {"eval_loss": totals["loss_sum"] / denom, "eval_accuracy": totals["correct_sum"] / denom}
+    totals = {k: totals.get(k, 0.0) + float(v) for k, v in sums.items()}
+  return {k: float(v) for k, v in mean_metrics(totals, "eval_").items()}
 
 
 def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   """Trains to cfg.train.steps; returns the last train and eval metrics."""
+  base_params = None
+  if cfg.train.init_from:
+    base_cfg, base_params, tokenizer_file = init_from.pretrained(cfg.train.init_from)
+    cfg = init_from.resolve(cfg, base_cfg, tokenizer_file)
   tcfg, dcfg = cfg.train, cfg.data
   ckpt.ensure_writable(workdir)
   ckpt.write_or_check_config(workdir, cfg)
   tokenizer = data_lib.get_tokenizer(dcfg, cfg.model.vocab_size, workdir)
-  train_rows = pipeline.build_rows(dcfg, tokenizer, dcfg.train_split)
-  eval_rows = pipeline.build_rows(dcfg, tokenizer, dcfg.eval_split)
-  make_batch = pipeline.batch_fn(dcfg, tokenizer)
+  objective = objectives.get(dcfg.objective)
+  train_rows = objective.rows(cfg, tokenizer, dcfg.train_split)
+  eval_rows = objective.rows(cfg, tokenizer, dcfg.eval_split)
+  make_batch = objective.batches(cfg, tokenizer)
 
   mesh = parallel.make_mesh(cfg.parallel)
   parallel.check_batch_divisible(dcfg.batch_size, mesh, tcfg.microbatches)
-  state, shardings = create_state(cfg, mesh)
   mgr = ckpt.manager(workdir, tcfg.keep_checkpoints)
+  resuming = mgr.latest_step() is not None
+  initial = _initial_params(cfg, base_params) if base_params is not None and not resuming \
+      else None
+  state, shardings = create_state(cfg, mesh, initial)
   data_state = None
-  if mgr.latest_step() is not None:
+  if resuming:
     abstract = ckpt.abstract_with_shardings(state.checkpoint_items(),
                                             shardings.checkpoint_items())
     items, data_state = ckpt.restore(mgr, abstract)
@@ -93,7 +107,7 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   batches = data_lib.BatchIterator(train_rows, dcfg.batch_size, dcfg.shuffle_seed,
                                    state=data_state, process_index=jax.process_index(),
                                    process_count=jax.process_count())
-  eval_set = pipeline.eval_set(dcfg, tokenizer, eval_rows, dcfg.batch_size, tcfg.eval_batches)
+  eval_set = objective.eval_set(cfg, tokenizer, eval_rows)
   train_fn, eval_fn = compiled_steps(shardings, mesh)
 
   writer = MetricsWriter(workdir)
@@ -158,7 +172,11 @@ def _progress_bar(start: int, total: int, enabled: bool):
 
 
 def load(workdir: str):
-  """(Config, params, Tokenizer) of the latest checkpoint in `workdir`, on one device."""
+  """(Config, params, Tokenizer) of the latest checkpoint in `workdir`, on one device.
+
+  params is the whole tree (trainable and frozen): for an adapted model (LoRA, prompt,
+  adapter) it runs on `llm.models.build(cfg.model)`, which applies the adaptation.
+  """
   cfg = ckpt.read_config(workdir)
   mesh = parallel.make_mesh(parallel.ParallelConfig(data=1), jax.devices()[:1])
   state, shardings = create_state(cfg, mesh)
@@ -169,14 +187,17 @@ def load(workdir: str):
   items, _ = ckpt.restore(mgr, abstract)
   mgr.close()
   tokenizer = data_lib.get_tokenizer(cfg.data, cfg.model.vocab_size, workdir)
-  return cfg, items["params"], tokenizer
+  return cfg, peft.merge(items["params"], items["frozen"]), tokenizer
 
 
 def sample_texts(cfg: Config, params, tokenizer, prompts, sampling: SamplingConfig,
                  seed: int = 0) -> list[str]:
   module = models.build(cfg.model)
-  ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+  virtual = (peft.prompt.virtual_ids(cfg.model.peft.prompt_length)
+             if cfg.model.peft.method == "prompt" else [])
+  ids = [virtual + [tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
   outs = generate(module, params, ids, sampling, jax.random.PRNGKey(seed))
   # Decode prompt and continuation together: sentencepiece drops a leading space when a
   # continuation is decoded on its own.
-  return [tokenizer.decode(i + o)[len(tokenizer.decode(i)):] for i, o in zip(ids, outs)]
+  real = [i[len(virtual):] for i in ids]
+  return [tokenizer.decode(i + o)[len(tokenizer.decode(i)):] for i, o in zip(real, outs)]

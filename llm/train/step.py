@@ -6,14 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llm.objectives import token_losses
 from llm.train.state import TrainState
-
-
-def _loss_sums(forward, params, batch, rng):
-  logits_BTV, aux = forward(params, batch, rng)
-  sums = token_losses(logits_BTV, batch["targets"], batch["weights"])
-  return sums, aux
 
 
 def _split_microbatches(batch: dict, n: int) -> dict:
@@ -21,18 +14,20 @@ def _split_microbatches(batch: dict, n: int) -> dict:
 
 
 def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-  """One optimizer update on `batch`, accumulating over `state.microbatches` slices.
+  """One optimizer update of the trainable params on `batch`, accumulating over
+  `state.microbatches` slices.
 
   Gradients are of the summed token loss and divided once by the total token weight,
   so accumulation gives exactly the gradient of the full-batch mean loss. Entries of
-  the model's `aux` whose names end in "_loss" (e.g. MoE load balancing, already
-  weighted) are added to the loss; all of `aux` is reported in the metrics.
+  `aux` whose names end in "_loss" (e.g. MoE load balancing, already weighted) are
+  added to the loss per token; every `*_sum` the loss returns becomes a metric
+  (divided by the token weight) and all of `aux` is reported as it is.
   """
   rng, step_rng = jax.random.split(state.rng)
 
   def grads_of(params, microbatch, mb_rng):
     def objective(p):
-      sums, aux = _loss_sums(state.forward, p, microbatch, mb_rng)
+      sums, aux = state.loss_fn(p, state.frozen, microbatch, mb_rng)
       aux_loss = sum(v for k, v in aux.items() if k.endswith("_loss"))
       return sums["loss_sum"] + aux_loss * sums["weight_sum"], (sums, aux)
     return jax.grad(objective, has_aux=True)(params)
@@ -47,9 +42,10 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
       g, (s, a) = grads_of(state.params, *xs)
       return jax.tree_util.tree_map(jnp.add, carry, (g, s)), a
 
-    zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "weight_sum",
-                                                          "correct_sum")}
-    zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params), zero_sums)
+    first = jax.tree_util.tree_map(lambda x: x[0], (micro, rngs))
+    sum_shapes = jax.eval_shape(lambda: state.loss_fn(state.params, state.frozen, *first)[0])
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                   (jax.eval_shape(lambda: state.params), sum_shapes))
     (grads, sums), aux = jax.lax.scan(accumulate, zeros, (micro, rngs))
     aux = jax.tree_util.tree_map(lambda x: x.mean(0), aux)  # per-micro-batch stats averaged
 
@@ -57,15 +53,20 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
   grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"train_loss": sums["loss_sum"] / denom,
-             "train_accuracy": sums["correct_sum"] / denom,
-             "grad_norm": optax.tree.norm(grads),
+  metrics = {**mean_metrics(sums, "train_"), "grad_norm": optax.tree.norm(grads),
              "tokens": sums["weight_sum"], **aux}
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
   return new_state, metrics
 
 
+def mean_metrics(sums: dict, prefix: str) -> dict:
+  """{prefix + name: sum / weight_sum} for every `name_sum` but the weight itself."""
+  denom = jnp.maximum(sums["weight_sum"], 1.0)
+  return {prefix + k[:-len("_sum")].replace("correct", "accuracy"): v / denom
+          for k, v in sums.items() if k.endswith("_sum") and k != "weight_sum"}
+
+
 def eval_step(state: TrainState, batch: dict) -> dict:
-  """Summed loss / weight / correct on one batch (deterministic forward)."""
-  sums, _ = _loss_sums(state.forward, state.params, batch, None)
+  """The loss's sums on one batch (deterministic forward)."""
+  sums, _ = state.loss_fn(state.params, state.frozen, batch, None)
   return sums
