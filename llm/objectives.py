@@ -116,7 +116,17 @@ def register(objective: Objective) -> Objective:
   return objective
 
 
+@dataclasses.dataclass(frozen=True)
+class SupervisedFineTuning(Objective):
+  """Instruction / task fine-tuning: the loss on completion tokens (and EOS) only."""
+
+  def rows(self, cfg, tokenizer, split: str) -> Batch:
+    from llm.data.sft_data import sft_split_rows
+    return sft_split_rows(cfg, data_config(cfg), tokenizer, split)
+
+
 register(Objective("clm", ("decoder",)))
+register(SupervisedFineTuning("sft", ("decoder", "encoder_decoder")))
 register(PrefixLM("prefix_lm", ("decoder",), batch_fn=pipeline.prefix_lm_batch_fn))
 register(MaskedLM("mlm", ("encoder",), rows_fn=pipeline.mlm_rows,
                   batch_fn=pipeline.mlm_batch_fn))
