@@ -1,9 +1,10 @@
 """Decoding: one decode state (`decode`) and the strategies over it."""
 
+from llm.inference.beam import beam_search
 from llm.inference.decode import (DecodeState, decode_step, gather_rows, init_cache, prefill,
                                   truncate_rows, with_cache_len)
 from llm.inference.generate import (Generation, generate, generate_sequences, generate_seq2seq,
                                     right_pad)
 from llm.inference.sampling import (SamplingConfig, sample, sampling_logits, token_logprobs,
                                     top_k_filter, top_p_filter, untrained_ids)
-from llm.inference.beam import beam_search
+from llm.inference.speculative import speculative_generate
