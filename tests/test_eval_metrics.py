@@ -18,9 +18,9 @@ from llm.eval import tasks as eval_tasks
 from llm.models import build
 
 VOCAB = 400
-DECODER = dict(vocab_size=VOCAB, d_model=32, num_layers=1, num_heads=4, d_ff=64, max_len=128)
+DECODER = dict(vocab_size=VOCAB, d_model=32, num_layers=1, num_heads=4, d_ff=64, max_len=256)
 T5 = dict(family="encoder_decoder", vocab_size=VOCAB, d_model=32, num_layers=1,
-          num_decoder_layers=1, num_heads=4, d_ff=64, max_len=128, positions="relative",
+          num_decoder_layers=1, num_heads=4, d_ff=64, max_len=256, positions="relative",
           norm="rmsnorm", use_bias=False, activation="geglu", scale_attention=False,
           tie_embeddings=False)
 
@@ -154,7 +154,7 @@ def test_evaluate_classification_picks_the_most_likely_label(decoder, tok):
                                       max_examples=6, batch_size=8)
     records = task.records("validation")[:6]
     pairs = [few_shot(task.template, r, task.records("train"), k_shot, seed=[0, i],
-                      tokenizer=tok, max_len=128) for i, r in enumerate(records)]
+                      tokenizer=tok, max_len=256) for i, r in enumerate(records)]
     scores = eval_tasks.label_scores(module, params, tok, [p for p, _ in pairs],
                                      [task.label_completions(r) for r in records], batch_size=8)
     gold = [task.labels.index(r["label"]) for r in records]
@@ -193,6 +193,28 @@ def test_evaluate_generation_metrics_with_an_oracle(decoder, tok):
   result = eval_tasks.evaluate_task(module, params, tok, task, max_examples=50,
                                     generate_fn=generate_fn)
   assert result == {"exact_match": 100 * answers.count("red") / 50, "n": 50}
+
+
+def test_evaluate_few_shot_prompts_hold_k_solved_examples(decoder, tok):
+  task = tasks_lib.get_task("translate")
+  by_query = dict(task.pairs("test"))
+  seen = []
+
+  def generate_fn(prompt_ids, max_new_tokens):
+    prompts = [tok.decode(ids) for ids in prompt_ids]
+    seen.append(prompts)
+    return [tok.encode(by_query[p.split("\n\n")[-1]]) for p in prompts]
+
+  results = eval_tasks.evaluate_few_shot(*decoder, tok, task, ks=(0, 2), max_examples=10,
+                                         generate_fn=generate_fn)
+  assert results == {0: {"bleu": pytest.approx(100.0), "n": 10},
+                     2: {"bleu": pytest.approx(100.0), "n": 10}}
+  zero, two = seen
+  train = {"".join(pair) for pair in task.pairs("train")}
+  for query, prompt in zip(zero, two):
+    *shots, last = prompt.split("\n\n")
+    assert last == query and len(shots) == 2 and set(shots) <= train
+  assert len({p.split("\n\n")[0] for p in two}) > 1  # shots vary per query
 
 
 def test_batched_greedy_generation_equals_one_call(decoder, t5, tok):
