@@ -9,6 +9,7 @@ query itself.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import string
 from typing import Mapping, Optional, Sequence, Union
 
@@ -75,7 +76,8 @@ def choose_shots(pool: Sequence[Mapping], k: int, seed: Union[int, Sequence[int]
   if k < 0:
     raise ConfigError(f"k_shot={k}: must be >= 0")
   order = np.random.default_rng(seed).permutation(len(pool))
-  shots = [pool[i] for i in order if query is None or pool[i] != query][:k]
+  others = (pool[i] for i in order if query is None or pool[i] != query)
+  shots = list(itertools.islice(others, k))
   if len(shots) < k:
     raise ConfigError(f"k_shot={k} needs {k} solved examples but the pool has only "
                       f"{len(shots)} (other than the query); lower k_shot")
