@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llm import config as config_lib
@@ -42,3 +43,40 @@ def random_batch(batch=8, seq_len=16, vocab=64, seed=0) -> dict:
           "segment_ids": np.ones((batch, seq_len), np.int32),
           "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)),
           "weights": np.ones((batch, seq_len), np.float32)}
+
+
+def random_params(module, *init_inputs, seed=0, std=0.02):
+  """Params of the module's init tree, shapes and dtypes, drawn in numpy.
+
+  Compiling `init` costs several times a forward pass on CPU (a threefry draw per param);
+  eval_shape costs nothing. Kernels get the init's scale (std), norm scales 1 + noise and
+  biases noise, so a misplaced scale or bias still changes the output.
+  """
+  shapes = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *init_inputs)["params"])
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    mean = 1.0 if path[-1].key == "scale" else 0.0
+    return jnp.asarray(mean + rng.normal(0.0, std, leaf.shape), leaf.dtype)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def model_and_random_params(seed=0, **overrides):
+  """`model_and_params` without compiling `init` (see `random_params`)."""
+  module = build(config_lib.model_from_dict(overrides))
+  return JittedApply(module), random_params(module, np.ones((1, 8), np.int32), seed=seed)
+
+
+def embedding_dependence(module, params, tokens_1T, **kwargs):
+  """(T, T): |d out[0, t] / d input embedding[0, s]|, summed over features, for every t at
+  once (one compile; forward mode compiles faster than a backward pass). A zero
+  "perturbation" added to the embeddings is what is differentiated; `kwargs` go to
+  `module.apply` (e.g. output="hidden", prefix_BT=...)."""
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), tokens_1T)["perturbations"]
+  zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def out_T(perturb):
+    out = module.apply({"params": params, "perturbations": perturb}, tokens_1T, **kwargs)
+    return out[0].sum(-1)
+  jacobian_TSD = jax.jit(jax.jacfwd(out_T))(zeros)["embedded"][:, 0]
+  return np.abs(np.asarray(jacobian_TSD)).sum(-1)
