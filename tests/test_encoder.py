@@ -1,5 +1,7 @@
 """Encoder (BERT-style) and prefix LM: attention direction, heads, full-size shapes."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,56 +12,62 @@ from configs import bert as bert_configs
 from configs import gpt as gpt_configs
 from llm import config as config_lib
 from llm.models import build, mean_pool
-from tests.helpers import GPT_TINY, model_and_params
+from tests.helpers import (GPT_TINY, JittedApply, embedding_dependence, model_and_random_params,
+                           random_params)
 
 BERT_TINY = dict(family="encoder", vocab_size=64, d_model=32, num_layers=2, num_heads=4,
                  d_ff=64, max_len=32, post_norm=True, embed_norm=True, type_vocab_size=2,
                  activation="gelu_exact", norm_eps=1e-12)
 
 
-def _embedding_gradient(module, params, tokens, t, **kwargs):
-  """|d(hidden or logits at t) / d(input embedding at each position)|."""
-  perturbations = jax.jit(module.init)(jax.random.PRNGKey(0), tokens)["perturbations"]
-
-  def out_at_t(perturb):
-    out = module.apply({"params": params, "perturbations": perturb}, tokens, **kwargs)
-    return out[0, t].sum()
-  grads = jax.jit(jax.grad(out_at_t))(perturbations)["embedded"]
-  return np.abs(np.asarray(grads[0])).sum(-1)
+@functools.lru_cache(maxsize=None)
+def bert():
+  """(jitted module, params) of the tiny BERT with a 3-label classifier head, shared by the
+  tests (params drawn without compiling init: see helpers.random_params)."""
+  module = build(config_lib.model_from_dict(BERT_TINY), num_labels=3)
+  return JittedApply(module), random_params(module, np.ones((1, 8), np.int32))
 
 
 def test_encoder_output_at_t_depends_on_later_tokens():
-  module, params = model_and_params(**BERT_TINY)
-  tokens = jnp.arange(3, 15)[None]
-  grad_T = _embedding_gradient(module.module, params, tokens, 4, output="hidden")
-  assert (grad_T > 0).all()  # every position, before and after t, influences t
+  module, params = bert()
+  dependence_TS = embedding_dependence(module.module, params, np.arange(3, 15)[None],
+                                       output="hidden")
+  assert (dependence_TS > 0).all()  # every position, before and after t, influences t
+
+
+@jax.jit
+def _every_output(params, tokens, valid):
+  module = bert()[0].module
+  apply = lambda toks, output, *args: module.apply({"params": params}, toks, *args,
+                                                   output=output)
+  return {"hidden": apply(tokens, "hidden", None, valid),
+          "alone": apply(tokens[:1, :5], "hidden"),
+          **{output: apply(tokens, output) for output in ("mlm", "pooled", "classify")}}
 
 
 def test_encoder_heads_and_padding():
-  module, params = model_and_params(**BERT_TINY)
+  _, params = bert()
   tokens = np.array([[2, 10, 11, 12, 1, 0, 0], [2, 20, 21, 22, 23, 24, 1]])
   valid = (tokens != 0).astype(np.int32)
-  hidden = module.apply({"params": params}, tokens, None, valid, output="hidden")
-  alone = module.apply({"params": params}, tokens[:1, :5], output="hidden")
+  out = _every_output(params, tokens, valid)
+  hidden, alone = out["hidden"], out["alone"]
   np.testing.assert_allclose(hidden[0, :5], alone[0], atol=1e-5)  # padding is invisible
   pooled = mean_pool(hidden, valid)
   np.testing.assert_allclose(pooled[0], alone[0].mean(0), atol=1e-5)
-  assert module.apply({"params": params}, tokens, output="mlm").shape == (2, 7, 64)
-  assert module.apply({"params": params}, tokens, output="pooled").shape == (2, 32)
-  classifier = build(config_lib.model_from_dict(BERT_TINY), num_labels=3)
-  cparams = nn.unbox(jax.jit(classifier.init)(jax.random.PRNGKey(0), tokens)["params"])
-  assert jax.jit(classifier.apply, static_argnames="output")(
-      {"params": cparams}, tokens, output="classify").shape == (2, 3)
+  assert out["mlm"].shape == (2, 7, 64)
+  assert out["pooled"].shape == (2, 32)
+  assert out["classify"].shape == (2, 3)
 
 
 def test_prefix_lm_prefix_is_bidirectional_and_suffix_causal():
-  module, params = model_and_params(**GPT_TINY)
-  tokens = jnp.arange(3, 15)[None]
+  module, params = model_and_random_params(**GPT_TINY)
   prefix = jnp.arange(12)[None] < 5
-  grad_in_prefix = _embedding_gradient(module.module, params, tokens, 2, prefix_BT=prefix)
-  assert (grad_in_prefix[:5] > 0).all() and (grad_in_prefix[5:] == 0).all()
-  grad_in_suffix = _embedding_gradient(module.module, params, tokens, 7, prefix_BT=prefix)
-  assert (grad_in_suffix[:8] > 0).all() and (grad_in_suffix[8:] == 0).all()
+  dependence_TS = embedding_dependence(module.module, params, np.arange(3, 15)[None],
+                                       prefix_BT=prefix)
+  s, t = np.meshgrid(np.arange(12), np.arange(12))
+  seen = (s <= t) | ((s < 5) & (t < 5))  # causal, plus the whole prefix within it
+  assert (dependence_TS[seen] > 0).all()
+  np.testing.assert_array_equal(dependence_TS[~seen], 0.0)
 
 
 def _param_count(cfg_dict, **kwargs):
@@ -88,7 +96,7 @@ def test_mixtral_shaped_config_has_mixtrals_parameter_count():
 
 
 def test_sequence_longer_than_the_position_table_is_refused():
-  module, params = model_and_params(**BERT_TINY)
+  module, params = bert()
   with pytest.raises(ValueError, match="exceeds config.model.max_len=32"):
     module.apply({"params": params}, np.ones((1, 40), np.int32), output="hidden")
 
