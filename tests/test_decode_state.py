@@ -1,5 +1,6 @@
 """The decode state: prefill, multi-token steps with per-row lengths, row gather and
-truncate (scanned and unscanned caches), for a decoder and an encoder-decoder."""
+truncate (scanned and unscanned caches), for a decoder and an encoder-decoder; a
+reused prefix cache."""
 
 import functools
 
@@ -9,7 +10,10 @@ import numpy as np
 import pytest
 
 from llm import config as config_lib
-from llm.inference import decode_step, gather_rows, prefill, truncate_rows
+from llm.config import ConfigError
+from llm.inference import (SamplingConfig, decode_step, gather_rows, generate_sequences, prefill,
+                           right_pad, truncate_rows)
+from llm.inference.prefix_cache import build_prefix_cache, extend_prefix, generate_with_prefix
 from llm.models import build
 from llm.models.blocks import unscanned
 from tests.helpers import LLAMA_TINY, model_and_params
@@ -100,3 +104,27 @@ def test_seq2seq_state_matches_the_full_forward():
   seqs = np.concatenate([decoded[rows], [[7], [8], [9]]], axis=1)
   full = apply({"params": params}, encoder[rows], seqs, segments[rows])
   np.testing.assert_allclose(last_BKV[:, 0], full[:, -1], atol=1e-4)
+
+
+def test_reused_prefix_equals_full_recomputation_and_is_tied_to_its_model():
+  apply, params = _decoder()
+  module = apply.module
+  prefix = list(range(5, 15))
+  suffixes = [[20], [21, 22, 23]]
+  cache = build_prefix_cache(module, params, prefix)
+  suffix_BS, lengths_B = right_pad(suffixes)
+  state = jax.jit(extend_prefix, static_argnames=("module", "cache_len"))(
+      *unscanned(module, params), cache.state, suffix_BS, lengths_B, cache_len=16)
+  np.testing.assert_array_equal(state.end_B, [11, 13])
+  for b, s in enumerate(suffixes):
+    np.testing.assert_allclose(state.logits_BV[b], _full_logits(apply, params, prefix + s)[-1],
+                               atol=1e-5)
+  sampling = SamplingConfig(temperature=0, max_new_tokens=3)
+  reused = generate_with_prefix(module, params, cache, suffixes, sampling, jax.random.PRNGKey(0))
+  full = generate_sequences(module, params, [prefix + s for s in suffixes], sampling,
+                            jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(reused.tokens, full.tokens)
+  np.testing.assert_allclose(reused.logprobs, full.logprobs, atol=1e-5)
+  other = jax.tree_util.tree_map(lambda x: x * 1.01, params)  # e.g. a later checkpoint
+  with pytest.raises(ConfigError, match="prefix cache was built by another model"):
+    generate_with_prefix(module, other, cache, suffixes, sampling, jax.random.PRNGKey(0))

@@ -75,13 +75,18 @@ def prompt_inputs(cfg, prompts: Sequence[Sequence[int]], max_new_tokens: int, pa
     return dict(tokens_BT=np.full((batch, 1), start_id, np.int32),
                 lengths_B=np.ones((batch,), np.int32), encoder_BS=tokens_BP,
                 encoder_segment_ids_BS=segments_BS), 1 + max_new_tokens
-  cache_len = tokens_BP.shape[1] + max_new_tokens
-  if cache_len > cfg.max_len:
+  return dict(tokens_BT=tokens_BP, lengths_B=lengths_B), context_slots(
+      cfg, tokens_BP.shape[1], max_new_tokens)
+
+
+def context_slots(cfg, prompt_len: int, max_new_tokens: int) -> int:
+  """Cache slots for a decoder prompt and its continuation, within the context window."""
+  if prompt_len + max_new_tokens > cfg.max_len:
     raise ConfigError(
-        f"prompt of {tokens_BP.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the "
+        f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} exceeds the "
         f"context window of {cfg.max_len} (model.max_len); shorten the prompt or lower "
         "max_new_tokens")
-  return dict(tokens_BT=tokens_BP, lengths_B=lengths_B), cache_len
+  return prompt_len + max_new_tokens
 
 
 def lengths_at_eos(tokens_BN: np.ndarray, eos_id: Optional[int]) -> np.ndarray:
