@@ -35,11 +35,12 @@ def generation_prompt(prompt: Sequence[int], tokenizer, family: str) -> list[int
   return [tokenizer.bos_id, *prompt]
 
 
-def _check_completion(completion_len: int, room: int, seq_len: int, index: int):
-  if completion_len > room:
+def _check_completion(completion_len: int, seq_len: int, index: int):
+  """`completion_len` counts what the completion needs even with no prompt (its eos)."""
+  if completion_len > seq_len:
     raise ConfigError(
-        f"example {index}: its completion takes {completion_len} tokens but data.seq_len="
-        f"{seq_len} leaves room for {room}; raise config.data.seq_len or shorten completions")
+        f"example {index}: its completion takes {completion_len} tokens with eos, more than "
+        f"data.seq_len={seq_len}; raise config.data.seq_len or shorten completions")
 
 
 def _keep_right(prompt: list[int], room: int) -> tuple[list[int], bool]:
@@ -60,7 +61,7 @@ def _decoder_rows(prompts, completions, tokenizer, seq_len):
   truncated = 0
   for row, (prompt, completion) in enumerate(zip(prompts, completions)):
     # bos + prompt + completion + eos is one longer than the rows it fills.
-    _check_completion(len(completion) + 1, seq_len, seq_len, row)
+    _check_completion(len(completion) + 1, seq_len, row)
     prompt, cut = _keep_right(prompt, seq_len - len(completion) - 1)
     truncated += cut
     tokens = [*generation_prompt(prompt, tokenizer, "decoder"), *completion, tokenizer.eos_id]
@@ -78,7 +79,7 @@ def _encoder_decoder_rows(prompts, completions, tokenizer, seq_len, start_id):
                     seq_len, tokenizer.pad_id)
   truncated = 0
   for row, (prompt, completion) in enumerate(zip(prompts, completions)):
-    _check_completion(len(completion) + 1, seq_len, seq_len, row)
+    _check_completion(len(completion) + 1, seq_len, row)
     prompt, cut = _keep_right(prompt, seq_len - 1)
     truncated += cut
     encoder = generation_prompt(prompt, tokenizer, "encoder_decoder")
