@@ -166,3 +166,66 @@ def restore(directory: str, mode: str):
     return QArray(values, jnp.asarray(x["scale"]), tuple(layout["contract"]), bits)
   is_stored_q = lambda x: isinstance(x, dict) and set(x) == {"values", "scale"}
   return jax.tree_util.tree_map_with_path(leaf, plain, is_leaf=is_stored_q)
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def validation_perplexity(module, params, rows: dict, batch_size: int = 8) -> float:
+  """Perplexity over packed rows (inputs / targets / weights / segment_ids / positions),
+  in whole batches of `batch_size` (one compile)."""
+  from llm.eval import log_likelihood, perplexity
+  n = max(batch_size, len(rows["inputs"]) // batch_size * batch_size)
+  logps, weights = [], []
+  for start in range(0, n, batch_size):
+    batch = {k: np.asarray(v[start:start + batch_size]) for k, v in rows.items()}
+    logps.append(np.asarray(log_likelihood(module, params, batch)))
+    weights.append(batch["weights"])
+  return perplexity(np.concatenate(logps), np.concatenate(weights))
+
+
+def compare_modes(model_cfg, trees: dict, rows: dict, prompt_len: int = 16,
+                  new_tokens: int = 32, batches=(1, 32), repeats: int = 3) -> dict:
+  """{mode: {param_bytes, perplexity, tokens_per_s_b{B}}} for params already in each mode.
+
+  Decode is greedy, exactly `new_tokens` per row, prompts cut from the rows; calls of all
+  modes are interleaved and the median counts (a busy machine slows them alike)."""
+  import time
+  from llm.inference import SamplingConfig, generate
+  from llm.models import build
+  modules = {mode: build(inference_config(model_cfg, mode)) for mode in trees}
+  report = {mode: {"param_bytes": param_bytes(p),
+                   "perplexity": validation_perplexity(modules[mode], p, rows)}
+            for mode, p in trees.items()}
+  sampling = SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
+  inputs = np.asarray(rows["inputs"])[:, :prompt_len]
+  prompts = {b: np.resize(inputs, (b, prompt_len)).tolist() for b in batches}
+  run = lambda mode, b: generate(modules[mode], trees[mode], prompts[b], sampling,
+                                 jax.random.PRNGKey(0))
+  times = {(mode, b): [] for mode in trees for b in batches}
+  for key in times:
+    run(*key)  # compile
+  for _ in range(repeats):
+    for key in times:
+      start = time.perf_counter()
+      run(*key)
+      times[key].append(time.perf_counter() - start)
+  for (mode, b), ts in times.items():
+    report[mode][f"tokens_per_s_b{b}"] = b * new_tokens / float(np.median(ts))
+  return report
+
+
+def format_report(report: dict, base: str = "none") -> str:
+  """The comparison as a table, each mode next to `base` (float32)."""
+  speeds = sorted(k for k in report[base] if k.startswith("tokens_per_s"))
+  header = ["mode", "param MB", "smaller", "val ppl", "ppl delta"]
+  header += [f"{k[len('tokens_per_s_'):]} tok/s (x)" for k in speeds]
+  lines = ["  ".join(f"{h:>16}" for h in header)]
+  for mode, row in report.items():
+    ref = report[base]
+    cells = [mode, f"{row['param_bytes'] / 2**20:.2f}",
+             f"{ref['param_bytes'] / row['param_bytes']:.2f}x", f"{row['perplexity']:.3f}",
+             f"{100 * (row['perplexity'] / ref['perplexity'] - 1):+.2f}%"]
+    cells += [f"{row[k]:.1f} ({row[k] / ref[k]:.2f}x)" for k in speeds]
+    lines.append("  ".join(f"{c:>16}" for c in cells))
+  return "\n".join(lines)
