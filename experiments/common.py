@@ -28,3 +28,26 @@ def start(config_dict):
   logging.set_verbosity(logging.WARNING)
   parallel.init_distributed()
   return config_lib.from_configdict(config_dict)
+
+
+def finetune(config_dict, workdir: str, methods: tuple[str, ...], entry_point: str):
+  """Trains `config_dict` (an sft run from train.init_from), then scores the tasks' test
+  split and prints one JSON line: losses, task metrics, trainable / total params."""
+  import json
+
+  from llm import peft, train
+  from llm.eval.report import evaluate_model
+  cfg = start(config_dict)
+  if cfg.model.peft.method not in methods:
+    raise ConfigError(f"config.model.peft.method={cfg.model.peft.method!r}: {entry_point} "
+                      f"trains {' / '.join(methods)}; use the entry point for that method")
+  last = train.run(cfg, workdir)
+  cfg, params, tokenizer = train.load(workdir)
+  pattern = peft.trainable_pattern(cfg.model.peft, cfg.train.trainable)
+  trainable = peft.count(peft.split(params, pattern)[0])
+  scores = evaluate_model(cfg, params, tokenizer, cfg.data.tasks, lm_source=None)["tasks"]
+  print(json.dumps({"method": cfg.model.peft.method, "step": last.get("step"),
+                    "train_loss": last.get("train_loss"), "eval_loss": last.get("eval_loss"),
+                    "test": {task: by_k[0] for task, by_k in scores.items()},
+                    "trainable_params": trainable, "total_params": peft.count(params),
+                    "trainable_percent": 100.0 * trainable / peft.count(params)}))

@@ -14,7 +14,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from llm.config import ConfigError, ModelConfig, PeftConfig, to_dict
-from llm.peft.partition import path_str
+from llm.peft.partition import merge, path_str, split
 
 WEIGHTS, META = "adapter.safetensors", "adapter.json"
 
@@ -35,19 +35,21 @@ def _base_config(cfg: ModelConfig) -> dict:
   return to_dict(dataclasses.replace(cfg, peft=PeftConfig()))
 
 
-def save_adapter(path: str, cfg: ModelConfig, trainable: dict, frozen: dict) -> None:
+def save_adapter(path: str, cfg: ModelConfig, trainable: dict, frozen: dict,
+                 pattern: str) -> None:
+  """Writes the `trainable` params (matched by `pattern`) and what identifies the base."""
   os.makedirs(path, exist_ok=True)
   flat = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(trainable)}
   save_file(flat, os.path.join(path, WEIGHTS))
-  meta = {"peft": to_dict(cfg.peft), "base_model": _base_config(cfg),
+  meta = {"peft": to_dict(cfg.peft), "trainable": pattern, "base_model": _base_config(cfg),
           "base_fingerprint": fingerprint(frozen)}
   with open(os.path.join(path, META), "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
 
 
-def load_adapter(path: str, cfg: ModelConfig, frozen: dict) -> tuple[ModelConfig, dict]:
-  """(cfg with the adapter's peft settings, the adapter's params), after checking that
-  it belongs to this base (`cfg`'s model and the `frozen` weights)."""
+def load_adapter(path: str, cfg: ModelConfig, base_params: dict) -> tuple[ModelConfig, dict]:
+  """(cfg with the adapter's peft settings, base_params with the adapter's params in
+  place), after checking that it belongs to this base (`cfg`'s model and weights)."""
   meta_path = os.path.join(path, META)
   if not os.path.exists(meta_path):
     raise ConfigError(f"--adapter {path}: no {META} there; point it at a directory written by "
@@ -58,7 +60,7 @@ def load_adapter(path: str, cfg: ModelConfig, frozen: dict) -> tuple[ModelConfig
     diffs = [k for k, v in _base_config(cfg).items() if meta["base_model"].get(k) != v]
     raise ConfigError(f"--adapter {path} was trained on a different base model (differs in "
                       f"model.{', model.'.join(diffs[:3])}); use the base it was trained on")
-  if meta["base_fingerprint"] != fingerprint(frozen):
+  if meta["base_fingerprint"] != fingerprint(split(base_params, meta["trainable"], False)[1]):
     raise ConfigError(f"--adapter {path} was trained on different base weights (fingerprint "
                       "mismatch); load the checkpoint it was trained from")
   peft = PeftConfig(**meta["peft"])
@@ -69,4 +71,4 @@ def load_adapter(path: str, cfg: ModelConfig, frozen: dict) -> tuple[ModelConfig
     for p in parents:
       node = node.setdefault(p, {})
     node[leaf] = value
-  return dataclasses.replace(cfg, peft=peft), tree
+  return dataclasses.replace(cfg, peft=peft), merge(tree, base_params)

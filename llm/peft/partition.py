@@ -30,9 +30,10 @@ def path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def split(params: dict, pattern: str) -> tuple[dict, dict]:
+def split(params: dict, pattern: str, require: bool = True) -> tuple[dict, dict]:
   """(trainable, frozen): two nested dicts holding the leaves whose path does / does
-  not match `pattern` (re.search on "a/b/kernel"). Raises if nothing is trainable."""
+  not match `pattern` (re.search on "a/b/kernel"). Raises if nothing is trainable
+  (unless `require` is False)."""
   regex = re.compile(pattern)
 
   def pick(tree, prefix, want):
@@ -47,7 +48,11 @@ def split(params: dict, pattern: str) -> tuple[dict, dict]:
         out[key] = value
     return out
   trainable, frozen = pick(params, "", True), pick(params, "", False)
-  if not trainable:
+  if not trainable and require and "lora_" in pattern:
+    modules = sorted({"/" + p.rsplit("/", 1)[0] for p in paths(params) if p.endswith("kernel")})
+    raise ConfigError(f"config.model.peft.lora_targets matches no projection; module paths "
+                      f"look like {', '.join(modules[:4])}, ...: fix the regex")
+  if not trainable and require:
     raise ConfigError(f"config.train.trainable={pattern!r} matches no param (param paths look "
                       f"like {next(iter(paths(params)), '?')!r}); for bitfit the model needs "
                       "biases (model.use_bias=True)")

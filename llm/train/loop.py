@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 
 import jax
-import jax.numpy as jnp
 
 from llm import data as data_lib
 from llm import models, objectives, parallel, peft, scaling
@@ -26,6 +26,7 @@ from llm.train.state import init_params, init_state
 from llm.train.step import eval_step, mean_metrics, train_step
 
 log = logging.getLogger(__name__)
+ADAPTER_DIR = "adapter"  # a PEFT run's trainable params alone (llm.peft.save_adapter)
 
 
 def create_state(cfg: Config, mesh, params=None):
@@ -131,6 +132,10 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
     mgr.wait_until_finished()
     mgr.close()
   plot_losses(workdir)
+  if cfg.model.peft.method != "full" and jax.process_index() == 0:
+    peft.save_adapter(os.path.join(workdir, ADAPTER_DIR), cfg.model,
+                      jax.device_get(state.params), jax.device_get(state.frozen),
+                      peft.trainable_pattern(cfg.model.peft, tcfg.trainable))
   return last
 
 
