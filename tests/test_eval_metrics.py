@@ -11,7 +11,7 @@ from rouge_score import rouge_scorer
 from llm import config as config_lib
 from llm.config import ConfigError
 from llm.data import tasks as tasks_lib
-from llm.data.templates import Template, few_shot
+from llm.data.templates import few_shot
 from llm.data.tokenizer import train_tokenizer
 from llm.eval import metrics
 from llm.eval import tasks as eval_tasks
