@@ -1,5 +1,7 @@
 """Encoder-decoder (T5 / BART): attention directions, cached generation, full-size shapes."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,8 +10,9 @@ import pytest
 
 from configs import t5 as t5_configs
 from llm import config as config_lib
-from llm.inference import SamplingConfig, generate_seq2seq
+from llm.inference import SamplingConfig, generate_seq2seq, generate_sequences
 from llm.models import build
+from tests.helpers import random_params
 
 T5_TINY = dict(family="encoder_decoder", vocab_size=64, d_model=32, num_layers=2,
                num_decoder_layers=3, num_heads=4, d_ff=64, max_len=32, positions="relative",
@@ -21,38 +24,53 @@ BART_TINY = dict(family="encoder_decoder", vocab_size=64, d_model=32, num_layers
 ENCODER_IN = np.array([[5, 6, 7, 8, 9, 1], [10, 11, 12, 1, 0, 0]])
 
 
-def _model(overrides):
-  module = build(config_lib.model_from_dict(overrides))
-  params = nn.unbox(jax.jit(module.init)(jax.random.PRNGKey(0), ENCODER_IN,
-                                         np.ones((2, 3), np.int32))["params"])
-  # Larger weights than the init, so that greedy outputs vary from step to step.
-  return module, jax.tree_util.tree_map(lambda x: x * 5 if x.ndim > 1 else x, params)
+MODELS = {"t5": T5_TINY, "bart": BART_TINY}
+DECODER_LEN = 7  # every uncached call decodes at this length: one compile per encoder length
 
 
-@pytest.mark.parametrize("overrides", [T5_TINY, BART_TINY], ids=["t5", "bart"])
-def test_cached_generation_equals_uncached_greedy(overrides):
-  module, params = _model(overrides)
+@functools.lru_cache(maxsize=None)
+def _model(name):
+  """(module, params, jitted apply), shared by the tests. Params are drawn without compiling
+  init (helpers.random_params), at 10x the init's scale: a draw whose greedy outputs
+  vary from step to step."""
+  module = build(config_lib.model_from_dict(MODELS[name]))
+  params = random_params(module, ENCODER_IN, np.ones((2, 3), np.int32), std=0.2)
+  return module, params, jax.jit(module.apply)
+
+
+def _log_softmax(logits_V):
+  shifted = logits_V - logits_V.max()
+  return shifted - np.log(np.exp(shifted).sum())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cached_generation_equals_uncached_greedy(name):
+  module, params, apply = _model(name)
   prompts = [[5, 6, 7, 8, 9, 1], [10, 11, 12, 1]]
-  out = generate_seq2seq(module, params, prompts, SamplingConfig(temperature=0,
-                                                                 max_new_tokens=6),
-                         jax.random.PRNGKey(0))
-  apply = jax.jit(module.apply)
-  for prompt, got in zip(prompts, out):
+  out = generate_sequences(module, params, prompts, SamplingConfig(temperature=0,
+                                                                   max_new_tokens=6),
+                           jax.random.PRNGKey(0))
+  assert generate_seq2seq(module, params, prompts, SamplingConfig(
+      temperature=0, max_new_tokens=6), jax.random.PRNGKey(0)) == out.lists()
+  for prompt, got, got_logprobs in zip(prompts, out.lists(), out.logprobs):
     # Uncached: the whole decoder input each step, at one fixed shape (the decoder is
     # causal, so the zeros after position i do not change the logits at i).
-    decoded = np.zeros((1, 7), np.int32)
+    decoded = np.zeros((1, DECODER_LEN), np.int32)
+    logprobs = []
     for i in range(6):
-      logits = apply({"params": params}, np.array([prompt]), decoded)
-      decoded[0, i + 1] = int(np.argmax(logits[0, i]))
+      logits_V = np.asarray(apply({"params": params}, np.array([prompt]), decoded)[0, i])
+      decoded[0, i + 1] = int(np.argmax(logits_V))
+      logprobs.append(_log_softmax(logits_V)[decoded[0, i + 1]])
     assert got == decoded[0, 1:].tolist()
+    # Log-probs too: a greedy token can survive a wrong cache that its logits do not.
+    np.testing.assert_allclose(got_logprobs, logprobs, atol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [T5_TINY, BART_TINY], ids=["t5", "bart"])
-def test_decoder_is_causal_and_sees_the_whole_encoder_input(overrides):
-  module, params = _model(overrides)
-  decoder_in = jnp.array([[0, 3, 4, 5, 6, 7]])
+@pytest.mark.parametrize("name", MODELS)
+def test_decoder_is_causal_and_sees_the_whole_encoder_input(name):
+  _, params, apply = _model(name)
+  decoder_in = jnp.array([[0, 3, 4, 5, 6, 7, 8]])
   encoder_in = jnp.array([[5, 6, 7, 8, 9, 1]])
-  apply = jax.jit(module.apply)
   base = apply({"params": params}, encoder_in, decoder_in)
   changed_future = apply({"params": params}, encoder_in, decoder_in.at[0, 4].set(20))
   np.testing.assert_allclose(changed_future[0, :4], base[0, :4], atol=1e-6)
@@ -62,9 +80,8 @@ def test_decoder_is_causal_and_sees_the_whole_encoder_input(overrides):
 
 
 def test_encoder_padding_is_invisible():
-  module, params = _model(T5_TINY)
-  apply = jax.jit(module.apply)
-  decoder_in = np.array([[0, 3, 4]])
+  _, params, apply = _model("t5")
+  decoder_in = np.array([[0, 3, 4, 5, 6, 7, 8]])
   padded = apply({"params": params}, np.array([[10, 11, 12, 1, 0, 0]]), decoder_in)
   alone = apply({"params": params}, np.array([[10, 11, 12, 1]]), decoder_in)
   np.testing.assert_allclose(padded, alone, atol=1e-5)
