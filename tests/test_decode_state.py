@@ -49,7 +49,8 @@ def test_steps_rollback_and_reorder_match_the_full_forward(layout):
     tokens[b, :len(r)] = r
   state = _prefill(module, params, tokens, np.array([3, 6], np.int32), cache_len=16)
   for b, r in enumerate(rows):
-    np.testing.assert_allclose(state.logits_BV[b], _full_logits(apply, full_params, r)[-1], atol=1e-5)
+    np.testing.assert_allclose(state.logits_BV[b], _full_logits(apply, full_params, r)[-1],
+                               atol=1e-5)
 
   # Three tokens for row 0, two (and one of padding) for row 1.
   new = np.array([[20, 21, 22], [30, 31, 0]], np.int32)

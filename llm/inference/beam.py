@@ -18,10 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from llm.config import ConfigError
-from llm.inference.decode import decode_step, gather_rows, prefill
+from llm.inference.decode import decode_step, for_decoding, gather_rows, prefill
 from llm.inference.generate import Generation, prompt_inputs, to_generation
 from llm.inference.sampling import SamplingConfig, suppress
-from llm.models.blocks import unscanned
 
 
 def length_normalizer(length, length_penalty: float):
@@ -92,7 +91,7 @@ def beam_search(module: nn.Module, params, prompts: Sequence[Sequence[int]],
     raise ConfigError(f"beams={beams}: must be >= 1 (1 = greedy)")
   inputs, cache_len = prompt_inputs(module.cfg, prompts, sampling.max_new_tokens, pad_id,
                                     start_id)
-  module, params = unscanned(module, params)
+  module, params = for_decoding(module, params)
   tokens, logps, scores = _beam_search(module, params, inputs, sampling, beams,
                                        float(length_penalty), cache_len)
   return to_generation(tokens, logps, sampling.eos_id, scores)

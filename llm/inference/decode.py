@@ -17,11 +17,14 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from llm.config import ConfigError
+from llm.models.blocks import unscanned
 
-_SELF_ATTENTION_CACHE = ("cached_key", "cached_value")  # (B, S, K, H): grow with the sequence
+_SELF_ATTENTION_CACHE = ("cached_key", "cached_value")  # (B, K, S, H): grow with the sequence
+_SEQ_AXIS = 2  # of those, counted from the batch axis
 
 
 @struct.dataclass
@@ -41,7 +44,7 @@ class DecodeState:
 
   @property
   def cache_len(self) -> int:
-    return _cache_leaves(self.cache)[0].shape[-3]
+    return _cache_leaves(self.cache)[0].shape[-2]
 
 
 def _is_scanned(path) -> bool:
@@ -89,9 +92,37 @@ def with_cache_len(state: DecodeState, cache_len: int) -> DecodeState:
     if name not in _SELF_ATTENTION_CACHE:
       return x
     widths = [(0, 0)] * x.ndim
-    widths[axis + 1] = (0, cache_len - x.shape[axis + 1])
+    widths[axis + _SEQ_AXIS] = (0, cache_len - x.shape[axis + _SEQ_AXIS])
     return jnp.pad(x, widths)
   return state.replace(cache=_map_cache(pad, state.cache))
+
+
+def fuse_projections(params):
+  """A new tree with each self-attention's query/key/value kernels (and biases) as one
+  "qkv" kernel (D, N + 2K, H), which `Attention` uses when present: one matmul instead
+  of three per layer and step. Quantized kernels are left as they are."""
+  names = ("query", "key", "value")
+
+  def fuse(tree, name=""):
+    if not isinstance(tree, dict):
+      return tree
+    tree = {k: fuse(v, k) for k, v in tree.items()}
+    if name != "attn" or not all(isinstance(tree.get(p, {}).get("kernel"), (jax.Array, np.ndarray))
+                                 for p in names):
+      return tree
+    parts = [tree.pop(p) for p in names]
+    fused = {"kernel": jnp.concatenate([p["kernel"] for p in parts], axis=1)}
+    if "bias" in parts[0]:
+      fused["bias"] = jnp.concatenate([p["bias"] for p in parts], axis=0)
+    return {**tree, "qkv": fused}
+  return fuse(params)
+
+
+def for_decoding(module: nn.Module, params):
+  """The model as decoding runs it: per-layer params (no stacked-weight copies per step)
+  and fused q/k/v projections. Same function, different param layout."""
+  module, params = unscanned(module, params)
+  return module, fuse_projections(params)
 
 
 def init_cache(module: nn.Module, batch: int, length: int, encoder_len: int = 0):

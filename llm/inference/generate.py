@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm.config import ConfigError
-from llm.inference.decode import DecodeState, decode_step, prefill
+from llm.inference.decode import DecodeState, decode_step, for_decoding, prefill
 from llm.inference.sampling import SamplingConfig, sample
-from llm.models.blocks import unscanned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +149,7 @@ def generate_sequences(module: nn.Module, params, prompts: Sequence[Sequence[int
   lengths. Decoders continue the prompt; encoder-decoders decode from `start_id`."""
   inputs, cache_len = prompt_inputs(module.cfg, prompts, sampling.max_new_tokens, pad_id,
                                     start_id)
-  module, params = unscanned(module, params)
+  module, params = for_decoding(module, params)
   tokens_BN, logps_BN = _sample_sequences(module, params, inputs, rng, sampling, cache_len)
   return to_generation(tokens_BN, logps_BN, sampling.eos_id)
 

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm.config import ConfigError
-from llm.inference.decode import DecodeState, decode_step, gather_rows, prefill, with_cache_len
+from llm.inference.decode import (DecodeState, decode_step, for_decoding, gather_rows, prefill,
+                                  with_cache_len)
 from llm.inference.generate import (Generation, context_slots, right_pad, sample_loop,
                                     to_generation)
 from llm.inference.sampling import SamplingConfig
-from llm.models.blocks import unscanned
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ def build_prefix_cache(module: nn.Module, params, prefix: Sequence[int]) -> Pref
   if module.cfg.family != "decoder":
     raise ConfigError(f"model.family={module.cfg.family}: prefix caching is for decoder "
                       "models (the prefix is part of the prompt)")
-  module, params = unscanned(module, params)
+  module, params = for_decoding(module, params)
   tokens_1P, lengths_1 = right_pad([prefix])
   state = _prefill(module, params, tokens_1P, lengths_1, cache_len=len(prefix))
   return PrefixCache(state, len(prefix), model_fingerprint(module, params))
@@ -87,7 +87,7 @@ def generate_with_prefix(module: nn.Module, params, prefix: PrefixCache,
                          rng: jax.Array, pad_id: int = 0) -> Generation:
   """`generate_sequences` for prompts prefix + suffix (each suffix >= 1 token), reading
   only the suffixes."""
-  module, params = unscanned(module, params)
+  module, params = for_decoding(module, params)
   _check(module, params, prefix)
   suffix_BS, lengths_B = right_pad(suffixes, pad_id)
   cache_len = context_slots(module.cfg, prefix.length + suffix_BS.shape[1],

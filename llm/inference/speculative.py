@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from llm.config import ConfigError
-from llm.inference.decode import decode_step, prefill, truncate_rows
+from llm.inference.decode import decode_step, for_decoding, prefill, truncate_rows
 from llm.inference.generate import Generation, prompt_inputs, to_generation
 from llm.inference.sampling import SamplingConfig, sampling_logits, token_logprobs
-from llm.models.blocks import unscanned
 
 
 def check_draft(target_cfg, draft_cfg, gamma: int) -> None:
@@ -172,8 +171,8 @@ def speculative_generate(target: nn.Module, params, draft: nn.Module, draft_para
   inputs, cache_len = prompt_inputs(target.cfg, prompts, sampling.max_new_tokens, pad_id,
                                     start_id)
   prompt_inputs(draft.cfg, prompts, sampling.max_new_tokens, pad_id, start_id)
-  target, params = unscanned(target, params)
-  draft, draft_params = unscanned(draft, draft_params)
+  target, params = for_decoding(target, params)
+  draft, draft_params = for_decoding(draft, draft_params)
   tokens, logps, kept, rounds = _speculative(target, params, draft, draft_params, inputs, rng,
                                              sampling, gamma, cache_len + gamma + 1)
   rounds = int(rounds)

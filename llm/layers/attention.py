@@ -48,15 +48,17 @@ def segment_mask(segment_ids_BT: jax.Array) -> jax.Array:
   return same_BTS & (segment_ids_BT[:, None, :] != 0)
 
 
-def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None, scale=True):
+def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None, scale=True,
+                          kv_layout: str = "bskh"):
   """Softmax(q k^T / sqrt(H) + bias) v with grouped kv heads; softmax in float32.
 
   `scale=False` is T5's convention (the 1/sqrt(H) is folded into the query init).
+  `kv_layout="bksh"` takes keys and values as (B, K, S, H) (the decode cache's layout).
   """
   b, t, n, h = q_BTNH.shape
-  k = k_BSKH.shape[2]
+  k = k_BSKH.shape[kv_layout.index("k")]
   q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
-  logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+  logits_BKGTS = jnp.einsum(f"btkgh,{kv_layout}->bkgts", q_BTKGH, k_BSKH,
                             preferred_element_type=jnp.float32)
   if scale:
     logits_BKGTS = logits_BKGTS * (h ** -0.5)
@@ -65,7 +67,7 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None, scal
     logits_BKGTS = logits_BKGTS + bias
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _NEG_INF)
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-  out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BSKH)
+  out_BTKGH = jnp.einsum(f"bkgts,{kv_layout}->btkgh", probs_BKGTS, v_BSKH)
   return out_BTKGH.reshape(b, t, n, h)
 
 
@@ -93,53 +95,60 @@ class Attention(nn.Module):
     cfg = self.cfg
     n, k, h = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
     proj = functools.partial(_projection, cfg)
-    q_BTNH = proj((n, h), ("embed", "heads", "head_dim"), "query")(x_BTD)
-    k_BTKH = proj((k, h), ("embed", "kv_heads", "head_dim"), "key")(x_BTD)
-    v_BTKH = proj((k, h), ("embed", "kv_heads", "head_dim"), "value")(x_BTD)
+    if "qkv" in self.variables.get("params", {}):  # fused for decoding (fuse_projections)
+      qkv_BTRH = proj((n + 2 * k, h), ("embed", "heads", "head_dim"), "qkv")(x_BTD)
+      q_BTNH, k_BTKH, v_BTKH = jnp.split(qkv_BTRH, [n, n + k], axis=2)
+    else:
+      q_BTNH = proj((n, h), ("embed", "heads", "head_dim"), "query")(x_BTD)
+      k_BTKH = proj((k, h), ("embed", "kv_heads", "head_dim"), "key")(x_BTD)
+      v_BTKH = proj((k, h), ("embed", "kv_heads", "head_dim"), "value")(x_BTD)
     if cfg.positions == "rope":
       q_BTNH = apply_rope(q_BTNH, positions_BT, cfg.rope_theta)
       k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
     q_BTNH = nn.with_logical_constraint(q_BTNH, ("act_batch", "act_length", "act_heads", None))
 
     if decode and self.has_variable("cache", "cached_key"):
-      k_BSKH, v_BSKH, mask_BTS = self._update_cache(k_BTKH, v_BTKH, positions_BT)
+      keys, values, mask_BTS = self._update_cache(k_BTKH, v_BTKH, positions_BT)
+      layout = "bksh"
     else:
       if decode:  # first call (cache init): allocate for this many slots
         self._cache_vars(x_BTD.shape[0], x_BTD.shape[1], k, h)
-      k_BSKH, v_BSKH = k_BTKH, v_BTKH
+      keys, values, layout = k_BTKH, v_BTKH, "bskh"
       if prefix_BT is not None:
         mask_BTS = prefix_lm_mask(segment_ids_BT, prefix_BT)
       else:
         mask_BTS = (causal_segment_mask if causal else segment_mask)(segment_ids_BT)
 
+    s = keys.shape[layout.index("s")]
     if rel_table_KN is not None:  # T5: keys at cache slots (decode) or their positions
-      k_pos_BS = (jnp.broadcast_to(jnp.arange(k_BSKH.shape[1]), (x_BTD.shape[0], k_BSKH.shape[1]))
-                  if decode else positions_BT)
+      k_pos_BS = (jnp.broadcast_to(jnp.arange(s), (x_BTD.shape[0], s)) if decode
+                  else positions_BT)
       rel_BNTS = relative_bias(rel_table_KN, positions_BT, k_pos_BS, not causal,
                                cfg.relative_max_distance)
       bias_BNTS = rel_BNTS if bias_BNTS is None else bias_BNTS + rel_BNTS
     if cfg.positions == "alibi":
-      alibi_1NTS = alibi_bias(n, k_BSKH.shape[1])
+      alibi_1NTS = alibi_bias(n, s)
       bias_BNTS = alibi_1NTS if bias_BNTS is None else bias_BNTS + alibi_1NTS
-    out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS,
-                                     cfg.scale_attention)
+    out_BTNH = dot_product_attention(q_BTNH, keys, values, mask_BTS, bias_BNTS,
+                                     cfg.scale_attention, layout)
     out_BTNH = nn.Dropout(cfg.dropout)(out_BTNH, deterministic=deterministic)
     return proj((cfg.d_model,), ("heads", "head_dim", "embed"), "out", in_dims=2)(out_BTNH)
 
   def _cache_vars(self, batch, length, k, h):
     dtype = jnp.dtype(self.cfg.dtype)
-    return (self.variable("cache", "cached_key", jnp.zeros, (batch, length, k, h), dtype),
-            self.variable("cache", "cached_value", jnp.zeros, (batch, length, k, h), dtype))
+    # (B, K, S, H): the attention dots read it as is, with no per-step transpose.
+    return (self.variable("cache", "cached_key", jnp.zeros, (batch, k, length, h), dtype),
+            self.variable("cache", "cached_value", jnp.zeros, (batch, k, length, h), dtype))
 
   def _update_cache(self, k_BTKH, v_BTKH, positions_BT):
     key, value = self._cache_vars(None, None, None, None)
     start_B = positions_BT[:, 0]
-    write = jax.vmap(lambda cache_SKH, new_TKH, start: jax.lax.dynamic_update_slice(
-        cache_SKH, new_TKH.astype(cache_SKH.dtype), (start, 0, 0)))
+    write = jax.vmap(lambda cache_KSH, new_TKH, start: jax.lax.dynamic_update_slice(
+        cache_KSH, jnp.swapaxes(new_TKH, 0, 1).astype(cache_KSH.dtype), (0, start, 0)))
     key.value = write(key.value, k_BTKH, start_B)
     value.value = write(value.value, v_BTKH, start_B)
     # Slots past a query's own hold stale or future tokens (a rolled-back row, padding).
-    mask_BTS = jnp.arange(key.value.shape[1])[None, None, :] <= positions_BT[:, :, None]
+    mask_BTS = jnp.arange(key.value.shape[2])[None, None, :] <= positions_BT[:, :, None]
     return key.value, value.value, mask_BTS
 
 
