@@ -31,7 +31,7 @@ def _check_family(module):
 
 def _chunks(items: Sequence, batch_size: int) -> list[list]:
   """Equal-sized chunks of at most batch_size (the last padded with its final item), so
-  every call but none has the same batch size."""
+  that every generate call has the same batch size and compiles once."""
   num = -(-len(items) // batch_size)
   size = -(-len(items) // num)
   chunks = [list(items[i:i + size]) for i in range(0, len(items), size)]
