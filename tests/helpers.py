@@ -49,7 +49,7 @@ def random_params(module, *init_inputs, seed=0, std=0.02):
   """Params of the module's init tree, shapes and dtypes, drawn in numpy.
 
   Compiling `init` costs several times a forward pass on CPU (a threefry draw per param);
-  eval_shape costs nothing. Kernels get the init's scale (std), norm scales 1 + noise and
+  eval_shape only traces. Kernels get the init's scale (std), norm scales 1 + noise and
   biases noise, so a misplaced scale or bias still changes the output.
   """
   shapes = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *init_inputs)["params"])
@@ -75,8 +75,8 @@ def embedding_dependence(module, params, tokens_1T, **kwargs):
   shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), tokens_1T)["perturbations"]
   zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-  def out_T(perturb):
+  def out_T(perturb, params):  # params as an argument: as constants XLA would fold them
     out = module.apply({"params": params, "perturbations": perturb}, tokens_1T, **kwargs)
     return out[0].sum(-1)
-  jacobian_TSD = jax.jit(jax.jacfwd(out_T))(zeros)["embedded"][:, 0]
+  jacobian_TSD = jax.jit(jax.jacfwd(out_T))(zeros, params)["embedded"][:, 0]
   return np.abs(np.asarray(jacobian_TSD)).sum(-1)
