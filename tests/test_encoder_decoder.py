@@ -47,11 +47,9 @@ def _log_softmax(logits_V):
 def test_cached_generation_equals_uncached_greedy(name):
   module, params, apply = _model(name)
   prompts = [[5, 6, 7, 8, 9, 1], [10, 11, 12, 1]]
-  out = generate_sequences(module, params, prompts, SamplingConfig(temperature=0,
-                                                                   max_new_tokens=6),
-                           jax.random.PRNGKey(0))
-  assert generate_seq2seq(module, params, prompts, SamplingConfig(
-      temperature=0, max_new_tokens=6), jax.random.PRNGKey(0)) == out.lists()
+  greedy, rng = SamplingConfig(temperature=0, max_new_tokens=6), jax.random.PRNGKey(0)
+  out = generate_sequences(module, params, prompts, greedy, rng)
+  assert generate_seq2seq(module, params, prompts, greedy, rng) == out.lists()
   for prompt, got, got_logprobs in zip(prompts, out.lists(), out.logprobs):
     # Uncached: the whole decoder input each step, at one fixed shape (the decoder is
     # causal, so the zeros after position i do not change the logits at i).
