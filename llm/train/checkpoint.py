@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 
 from llm import config as config_lib
 from llm.config import ConfigError
+from llm.inference import quantize
 
 CONFIG_FILE = "config.json"
 
@@ -83,6 +84,10 @@ def write_or_check_config(workdir: str, cfg: config_lib.Config) -> None:
 
 def read_config(workdir: str) -> config_lib.Config:
   path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(os.path.join(workdir, quantize.MANIFEST)):
+    raise ConfigError(f"--workdir {workdir} holds a quantized checkpoint, not a training "
+                      "workdir; restore it with llm.inference.quantize.restore (experiments."
+                      "quantized_inference --from_quantized) or pass the workdir it came from")
   if not os.path.exists(path):
     raise ConfigError(f"--workdir {workdir} has no {CONFIG_FILE}; train into it first "
                       "(python -m experiments.pretrain_clm --workdir ...)")
