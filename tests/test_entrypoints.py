@@ -70,3 +70,29 @@ def test_other_families_two_steps(module, config, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   summary = json.loads(next(l for l in result.stdout.splitlines() if l.startswith("{")))
   assert summary["step"] == 2
+
+
+def test_lora_then_evaluate_with_the_adapter(trained, tmp_path):
+  workdir, cache, _ = trained
+  tuned = str(tmp_path / "lora")
+  result = _run("experiments.lora", "--config", "configs/finetune.py:lora", "--workdir", tuned,
+                f"--config.train.init_from={workdir}", "--config.train.steps=2",
+                "--config.data.seq_len=32", "--config.data.batch_size=4",
+                "--config.data.tasks=facts", "--config.train.peak_flops=1e9", cache=cache)
+  assert result.returncode == 0, result.stderr[-2000:]
+  summary = json.loads(next(l for l in result.stdout.splitlines() if l.startswith("{")))
+  assert summary["method"] == "lora" and summary["step"] == 2
+  assert 0 < summary["trainable_params"] < summary["total_params"]
+  assert "exact_match" in summary["test"]["facts"]
+  result = _run("experiments.evaluate", "--workdir", workdir, "--adapter", f"{tuned}/adapter",
+                "--tasks", "facts", "--max_examples", "4", "--lm_source", "",
+                "--out", str(tmp_path / "eval"), cache=cache)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "facts 0-shot exact_match" in result.stdout
+  assert json.load(open(tmp_path / "eval" / "results.json"))[f"{tuned}/adapter"]["tasks"]
+  # A method the entry point does not train is refused before anything runs.
+  result = _run("experiments.lora", "--config", "configs/finetune.py:full", "--workdir",
+                str(tmp_path / "x"), f"--config.train.init_from={workdir}", cache=cache)
+  assert result.returncode == 2
+  assert "error: config.model.peft.method='full': experiments.lora trains lora" in result.stderr
+  assert not (tmp_path / "x").exists()
