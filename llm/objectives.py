@@ -63,9 +63,8 @@ class Objective:
     make = self.batch_fn(data_config(cfg), tokenizer)
     if cfg.model.peft.method != "prompt":
       return make
-    from llm.peft.prompt import prepend_virtual_tokens
-    n = cfg.model.peft.prompt_length
-    return lambda rows, step: prepend_virtual_tokens(make(rows, step), n, cfg.model)
+    from llm.peft.prompt import with_virtual_tokens
+    return lambda rows, step: with_virtual_tokens(make(rows, step), cfg.model)
 
   def eval_set(self, cfg, tokenizer, rows) -> list[Batch]:
     return pipeline.eval_set(self.batches(cfg, tokenizer), rows, cfg.data.batch_size,

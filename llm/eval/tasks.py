@@ -18,6 +18,7 @@ from llm.data.templates import few_shot
 from llm.eval import metrics
 from llm.eval.likelihood import log_likelihood
 from llm.inference import SamplingConfig, generate_sequences
+from llm.peft.prompt import model_prefix, with_virtual_tokens
 
 GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
 _LENGTH_BUCKET = 16  # score rows padded to a multiple of this: few distinct shapes to compile
@@ -70,14 +71,16 @@ def completion_log_likelihoods(module, params, tokenizer, pairs: Sequence[tuple[
     needed = max(len(p) + len(c) + 1 for p, c in zip(prompts, completions))
   else:
     needed = max(max(len(p), len(c)) + 1 for p, c in zip(prompts, completions))
-  seq_len = min(-(-needed // _LENGTH_BUCKET) * _LENGTH_BUCKET, max_len)
+  virtual = len(model_prefix(module.cfg))  # prompt tuning's tokens go first
+  seq_len = min(-(-needed // _LENGTH_BUCKET) * _LENGTH_BUCKET, max_len - virtual)
   rows, _ = sft_rows(pairs, tokenizer, seq_len, family)
   num_rows = len(pairs)
   padded = -(-num_rows // batch_size) * batch_size
   rows = {k: np.pad(v, ((0, padded - num_rows), (0, 0))) for k, v in rows.items()}
   sums = []
   for start in range(0, padded, batch_size):
-    batch = {k: v[start:start + batch_size] for k, v in rows.items()}
+    batch = with_virtual_tokens({k: v[start:start + batch_size] for k, v in rows.items()},
+                                module.cfg)
     logp_BT = np.asarray(log_likelihood(module, params, batch))
     sums.append((logp_BT * batch["weights"]).sum(axis=1))
   return np.concatenate(sums)[:num_rows]
@@ -111,7 +114,7 @@ def _evaluate_labels(module, params, tokenizer, task, records, k_shot, seed, bat
   options = [task.label_completions(record) for record in records]
   longest = max(len(t) for t in tokenizer.encode_batch(options[0]))
   # Room beside the prompt: decoders score [bos] prompt completion, encoders prompt [eos].
-  reserve = longest + 1 if module.cfg.family == "decoder" else 1
+  reserve = (longest + 1 if module.cfg.family == "decoder" else 1) + len(model_prefix(module.cfg))
   pairs = _prompts(task, records, tokenizer, k_shot, seed, module.cfg.max_len, reserve)
   scores_NL = label_scores(module, params, tokenizer, [p for p, _ in pairs], options, batch_size)
   gold = [task.labels.index(record[task.label_field]) for record in records]
@@ -124,9 +127,10 @@ def _evaluate_generation(module, params, tokenizer, task, records, k_shot, seed,
   max_new_tokens = max(len(t) for t in tokenizer.encode_batch(references)) + 1
   family = module.cfg.family
   # Room beside the prompt: [bos] and the new tokens for a decoder; [eos] for an encoder.
-  reserve = max_new_tokens + 1 if family == "decoder" else 1
+  reserve = (max_new_tokens + 1 if family == "decoder" else 1) + len(model_prefix(module.cfg))
   pairs = _prompts(task, records, tokenizer, k_shot, seed, module.cfg.max_len, reserve)
-  prompt_ids = [generation_prompt(p, tokenizer, family)
+  prefix = model_prefix(module.cfg)
+  prompt_ids = [prefix + generation_prompt(p, tokenizer, family)
                 for p in tokenizer.encode_batch([p for p, _ in pairs])]
   if generate_fn is None:
     generate_fn = functools.partial(greedy_generate, module, params, eos_id=tokenizer.eos_id,

@@ -65,6 +65,19 @@ def init_from_vocab(params: dict, peft: PeftConfig, seed: int, first_real_id: in
   return {**params, TOKEN_EMBEDDING: {**params[TOKEN_EMBEDDING], "soft_prompt": soft}}
 
 
+def model_prefix(cfg: ModelConfig) -> list[int]:
+  """The ids every input of this model starts with: the virtual tokens under prompt
+  tuning, else none. Generation and scoring put them before the prompt."""
+  return virtual_ids(cfg.peft.prompt_length) if cfg.peft.method == "prompt" else []
+
+
+def with_virtual_tokens(batch: dict, cfg: ModelConfig) -> dict:
+  """`batch` as the model expects it: virtual tokens first under prompt tuning."""
+  if cfg.peft.method != "prompt":
+    return batch
+  return prepend_virtual_tokens(batch, cfg.peft.prompt_length, cfg)
+
+
 def prepend_virtual_tokens(batch: dict, n: int, cfg: ModelConfig) -> dict:
   """Puts the n virtual tokens before every row of a batch (the encoder's input for an
   encoder-decoder); they carry no loss, and real tokens' positions move up by n."""

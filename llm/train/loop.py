@@ -198,8 +198,7 @@ def load(workdir: str):
 def sample_texts(cfg: Config, params, tokenizer, prompts, sampling: SamplingConfig,
                  seed: int = 0) -> list[str]:
   module = models.build(cfg.model)
-  virtual = (peft.prompt.virtual_ids(cfg.model.peft.prompt_length)
-             if cfg.model.peft.method == "prompt" else [])
+  virtual = peft.prompt.model_prefix(cfg.model)
   ids = [virtual + [tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
   outs = generate(module, params, ids, sampling, jax.random.PRNGKey(seed))
   # Decode prompt and continuation together: sentencepiece drops a leading space when a
