@@ -51,3 +51,18 @@ def finetune(config_dict, workdir: str, methods: tuple[str, ...], entry_point: s
                     "test": {task: by_k[0] for task, by_k in scores.items()},
                     "trainable_params": trainable, "total_params": peft.count(params),
                     "trainable_percent": 100.0 * trainable / peft.count(params)}))
+
+
+def finetune_app(default_config: str, methods: tuple[str, ...], entry_point: str):
+  """Defines --config / --workdir and runs `finetune` as an absl app (one per method)."""
+  from absl import app, flags
+  from ml_collections import config_flags
+  config = config_flags.DEFINE_config_file("config", default_config, "Experiment config.")
+  workdir = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, adapter go here.",
+                                required=True)
+
+  @one_line_errors
+  def main(argv):
+    del argv
+    finetune(config.value, workdir.value, methods, entry_point)
+  app.run(main)

@@ -1,28 +1,15 @@
-"""Full fine-tuning, bottleneck adapters or BitFit of a pretrained model on tasks (loss on completions only).
+"""Full fine-tuning, bottleneck adapters or BitFit of a pretrained model on tasks
+(loss on completions only).
 
   python -m experiments.finetune --config configs/finetune.py:full \
       --config.train.init_from=runs/gpt_tiny --workdir runs/gpt_tiny_full
+  python -m experiments.finetune --config configs/finetune.py:adapter ...  # or :bitfit
 
 Prints the losses, the tasks' test metrics and the share of trainable params; a PEFT
 run also writes its trainable params alone to WORKDIR/adapter (see experiments.evaluate).
 """
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from experiments.common import finetune, one_line_errors
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/finetune.py:full",
-                                          "Experiment config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, adapter go here.",
-                               required=True)
-
-
-@one_line_errors
-def main(argv):
-  del argv
-  finetune(_CONFIG.value, _WORKDIR.value, ("full", "adapter", "bitfit"), "experiments.finetune")
-
+from experiments.common import finetune_app
 
 if __name__ == "__main__":
-  app.run(main)
+  finetune_app("configs/finetune.py:full", ("full", "adapter", "bitfit"), "experiments.finetune")

@@ -7,22 +7,7 @@ Prints the losses, the tasks' test metrics and the share of trainable params; a 
 run also writes its trainable params alone to WORKDIR/adapter (see experiments.evaluate).
 """
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from experiments.common import finetune, one_line_errors
-
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/finetune.py:lora",
-                                          "Experiment config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, adapter go here.",
-                               required=True)
-
-
-@one_line_errors
-def main(argv):
-  del argv
-  finetune(_CONFIG.value, _WORKDIR.value, ("lora",), "experiments.lora")
-
+from experiments.common import finetune_app
 
 if __name__ == "__main__":
-  app.run(main)
+  finetune_app("configs/finetune.py:lora", ("lora",), "experiments.lora")
