@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from llm import convert, models
-from llm.inference import SamplingConfig, generate
+from llm.inference import SamplingConfig, for_decoding, generate
 
 
 def parse_args():
@@ -39,8 +39,8 @@ def parse_args():
 def ours(hf_model, prompt: list[int], new_tokens: int):
   """A blocking call of our jitted KV-cache generate on the peer's weights, and its info."""
   cfg, np_params = convert.from_transformers(hf_model)
-  module = models.build(cfg)
-  params = jax.device_put(np_params)
+  # The decode layout once (per-layer params, fused q/k/v), as a server would hold it.
+  module, params = for_decoding(models.build(cfg), jax.device_put(np_params))
   rng = jax.random.PRNGKey(0)
 
   def call(n=new_tokens):
@@ -158,7 +158,7 @@ def main():
         "first_mismatch": next((i for i, (a, b) in enumerate(zip(ours_tokens, peer_tokens))
                                 if a != b), None),
         "targets": {"speedup>=3": ours_tps / peer_tps >= 3,
-                    "fraction_of_bound>=0.7": ours_tps / bound >= 0.7},
+                    "fraction_of_bound>=0.8": ours_tps / bound >= 0.8},
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_version": jax.__version__, "torch_version": torch.__version__,
         "transformers_version": __import__("transformers").__version__,

@@ -103,12 +103,15 @@ def fuse_projections(params):
   of three per layer and step. Quantized kernels are left as they are."""
   names = ("query", "key", "value")
 
+  def plain(part) -> bool:  # a float kernel (and bias), nothing wrapped around it
+    return (isinstance(part, dict) and set(part) <= {"kernel", "bias"}
+            and isinstance(part.get("kernel"), (jax.Array, np.ndarray)))
+
   def fuse(tree, name=""):
     if not isinstance(tree, dict):
       return tree
     tree = {k: fuse(v, k) for k, v in tree.items()}
-    if name != "attn" or not all(isinstance(tree.get(p, {}).get("kernel"), (jax.Array, np.ndarray))
-                                 for p in names):
+    if name != "attn" or not all(plain(tree.get(p)) for p in names):
       return tree
     parts = [tree.pop(p) for p in names]
     fused = {"kernel": jnp.concatenate([p["kernel"] for p in parts], axis=1)}
@@ -120,7 +123,8 @@ def fuse_projections(params):
 
 def for_decoding(module: nn.Module, params):
   """The model as decoding runs it: per-layer params (no stacked-weight copies per step)
-  and fused q/k/v projections. Same function, different param layout."""
+  and fused q/k/v projections. Same function, different param layout. Idempotent, so a
+  caller that decodes many times transforms once and passes the result on."""
   module, params = unscanned(module, params)
   return module, fuse_projections(params)
 
@@ -167,6 +171,8 @@ def decode_step(module: nn.Module, params, state: DecodeState, tokens_BK: jax.Ar
 
 def empty_state(module: nn.Module, batch: int, cache_len: int,
                 encoder_segment_ids_BS: Optional[jax.Array] = None) -> DecodeState:
+  """Rows holding nothing yet (seq2seq: the cross-attention cache is filled by the first
+  `decode_step`, which gets the encoder output)."""
   encoder_len = 0 if encoder_segment_ids_BS is None else encoder_segment_ids_BS.shape[1]
   return DecodeState(cache=init_cache(module, batch, cache_len, encoder_len),
                      logits_BV=jnp.zeros((batch, module.cfg.vocab_size), jnp.float32),

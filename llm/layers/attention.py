@@ -79,9 +79,9 @@ def _projection(cfg: ModelConfig, features, axes, name, in_dims=1) -> Linear:
 class Attention(nn.Module):
   """Self-attention with optional RoPE, GQA, and an autoregressive KV cache.
 
-  With `decode=True` keys/values go to the "cache" collection at slot = position: row b's
-  T new tokens fill slots positions_BT[b, 0] .. + T - 1 (positions must be consecutive,
-  counted from the row's first token), and each query sees the slots up to its own. A
+  With `decode=True` keys/values go to the "cache" collection at slot = position (counted
+  from the row's first token): row b's new tokens fill slots positions_BT[b], and each
+  query sees the slots up to its own. A
   row's cached length lives outside the module (`llm.inference.DecodeState.end_B`), so
   rows can hold different lengths and rolling a row back is just a smaller end index.
   """
@@ -142,14 +142,17 @@ class Attention(nn.Module):
 
   def _update_cache(self, k_BTKH, v_BTKH, positions_BT):
     key, value = self._cache_vars(None, None, None, None)
-    start_B = positions_BT[:, 0]
-    write = jax.vmap(lambda cache_KSH, new_TKH, start: jax.lax.dynamic_update_slice(
-        cache_KSH, jnp.swapaxes(new_TKH, 0, 1).astype(cache_KSH.dtype), (0, start, 0)))
-    key.value = write(key.value, k_BTKH, start_B)
-    value.value = write(value.value, v_BTKH, start_B)
+    key.value = _write_slots(key.value, k_BTKH, positions_BT)
+    value.value = _write_slots(value.value, v_BTKH, positions_BT)
     # Slots past a query's own hold stale or future tokens (a rolled-back row, padding).
     mask_BTS = jnp.arange(key.value.shape[2])[None, None, :] <= positions_BT[:, :, None]
     return key.value, value.value, mask_BTS
+
+
+def _write_slots(cache_BKSH, new_BTKH, positions_BT):
+  """The cache with row b's new tokens at slots positions_BT[b] (one scatter)."""
+  rows_B1 = jnp.arange(new_BTKH.shape[0])[:, None]
+  return cache_BKSH.at[rows_B1, :, positions_BT].set(new_BTKH.astype(cache_BKSH.dtype))
 
 
 class CrossAttention(nn.Module):

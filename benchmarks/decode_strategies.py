@@ -1,0 +1,147 @@
+"""Decoding strategies side by side on one machine, JSON on stdout: speculative vs plain
+greedy, prefix-cache hit vs miss, beam 4 vs greedy.
+
+  # the target/draft pair, trained once (a few CPU minutes each; kept out of git):
+  python -m experiments.pretrain_clm --config configs/gpt.py:tiny --workdir /tmp/spec_target \
+      --config.train.steps=300
+  python -m experiments.pretrain_clm --config configs/gpt.py:tiny --workdir /tmp/spec_draft \
+      --config.train.steps=300 --config.model.d_model=64 --config.model.num_layers=1 \
+      --config.model.num_heads=2 --config.model.num_kv_heads=2 --config.model.d_ff=256
+  python benchmarks/decode_strategies.py --target_workdir /tmp/spec_target \
+      --draft_workdir /tmp/spec_draft
+
+The pair: the draft is the target's recipe (same corpus, tokenizer and vocabulary)
+shrunk to one narrow layer, so it reads a fraction of the target's weights per token and
+agrees with it where the corpus is predictable. Every timing is the median of
+`--repeats` calls, the contenders interleaved; greedy outputs are compared token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from common import best_and_median, json_stdout, log, setup_logging, time_calls
+
+import jax
+import numpy as np
+
+from llm import models, train
+from llm.inference import (SamplingConfig, beam_search, build_prefix_cache, for_decoding,
+                           generate_sequences, generate_with_prefix, speculative_generate)
+from llm.inference.speculative import check_same_tokenizer
+
+PROMPTS = ["Return the", "The ", "A list of", "If the"]
+
+
+def parse_args():
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--target_workdir", default="/tmp/spec_target")
+  p.add_argument("--draft_workdir", default="/tmp/spec_draft")
+  p.add_argument("--new_tokens", type=int, default=64)
+  p.add_argument("--gammas", default="2,4")
+  p.add_argument("--prefix_len", type=int, default=192)
+  p.add_argument("--requests", type=int, default=8)
+  p.add_argument("--repeats", type=int, default=5)
+  return p.parse_args()
+
+
+def interleaved(calls: dict, repeats: int) -> dict:
+  """{name: seconds per call} timings, one call of each contender per round."""
+  for fn in calls.values():
+    fn()  # compile
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, fn in calls.items():
+      times[name].append(time_calls(fn, 1))
+  return times
+
+
+def speculative_vs_greedy(target, params, draft, draft_params, ids, args) -> dict:
+  sampling = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens)  # no EOS: all N
+  rng = jax.random.PRNGKey(0)
+  gammas = [int(g) for g in args.gammas.split(",")]
+  greedy = lambda: [generate_sequences(target, params, [p], sampling, rng) for p in ids]
+  spec = {g: (lambda g=g: [speculative_generate(target, params, draft, draft_params, [p],
+                                                sampling, rng, gamma=g) for p in ids])
+          for g in gammas}
+  draft_alone = lambda: [generate_sequences(draft, draft_params, [p], sampling, rng) for p in ids]
+  times = interleaved({"greedy": greedy, "draft_greedy": draft_alone,
+                       **{f"speculative_gamma_{g}": spec[g] for g in gammas}}, args.repeats)
+  want = [out.tokens for out in greedy()]
+  result = {"prompts": len(ids), "batch": 1, "new_tokens": args.new_tokens}
+  base = statistics.median(times["greedy"])
+  for name, ts in times.items():
+    result[name] = {**best_and_median(ts), "tokens_per_s": len(ids) * args.new_tokens /
+                    statistics.median(ts), "speedup_vs_greedy": base / statistics.median(ts)}
+  for g in gammas:
+    outs = spec[g]()
+    result[f"speculative_gamma_{g}"].update({
+        "acceptance_rate": float(np.mean([stats["acceptance_rate"] for _, stats in outs])),
+        "same_tokens_as_greedy": all(np.array_equal(o.tokens, w)
+                                     for (o, _), w in zip(outs, want))})
+  return result
+
+
+def prefix_hit_vs_miss(module, params, tokenizer, args) -> dict:
+  text = " ".join(["Return the value of the attribute named in the string."] * 40)
+  prefix = ([tokenizer.bos_id] + tokenizer.encode(text))[:args.prefix_len]
+  suffixes = [tokenizer.encode(f" Example {i}: the") for i in range(args.requests)]
+  sampling = SamplingConfig(temperature=0, max_new_tokens=16)
+  rng = jax.random.PRNGKey(0)
+  cache = build_prefix_cache(module, params, prefix)
+  miss = lambda: generate_sequences(module, params, [prefix + s for s in suffixes], sampling, rng)
+  hit = lambda: generate_with_prefix(module, params, cache, suffixes, sampling, rng)
+  build = lambda: jax.block_until_ready(build_prefix_cache(module, params, prefix).state)
+  times = interleaved({"miss": miss, "hit": hit, "build_prefix_cache": build}, args.repeats)
+  med = {k: statistics.median(v) for k, v in times.items()}
+  return {"prefix_len": len(prefix), "requests": args.requests, "new_tokens": 16,
+          **{k: best_and_median(v) for k, v in times.items()},
+          "hit_speedup": med["miss"] / med["hit"],
+          "seconds_saved_per_batch": med["miss"] - med["hit"],
+          "same_tokens": bool(np.array_equal(miss().tokens, hit().tokens))}
+
+
+def beam_vs_greedy(module, params, ids, args) -> dict:
+  sampling = SamplingConfig(temperature=0, max_new_tokens=32)
+  rng = jax.random.PRNGKey(0)
+  greedy = lambda: generate_sequences(module, params, ids, sampling, rng)
+  beam4 = lambda: beam_search(module, params, ids, sampling, beams=4)
+  times = interleaved({"greedy": greedy, "beam_4": beam4}, args.repeats)
+  g, b = greedy(), beam4()
+  return {"batch": len(ids), "new_tokens": 32,
+          **{k: best_and_median(v) for k, v in times.items()},
+          "beam_4_time_ratio": statistics.median(times["beam_4"]) /
+                               statistics.median(times["greedy"]),
+          "mean_sum_logprob": {"greedy": float(g.logprobs.sum(-1).mean()),
+                               "beam_4_best": float(b.logprobs[:, 0].sum(-1).mean())}}
+
+
+def main():
+  args = parse_args()
+  setup_logging()
+  cfg, params, tokenizer = train.load(args.target_workdir)
+  draft_cfg, draft_params, draft_tokenizer = train.load(args.draft_workdir)
+  check_same_tokenizer(tokenizer, draft_tokenizer)
+  # Once, as a server would: every strategy takes these as they are (`for_decoding` is
+  # then a no-op), so the timings hold decoding, not per-call param relayout.
+  target, params = for_decoding(models.build(cfg.model), params)
+  draft, draft_params = for_decoding(models.build(draft_cfg.model), draft_params)
+  ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in PROMPTS]
+  count = lambda p: int(sum(x.size for x in jax.tree_util.tree_leaves(p)))
+  with json_stdout() as result:
+    result["pair"] = {"target_params": count(params), "draft_params": count(draft_params),
+                      "target_workdir": args.target_workdir,
+                      "draft_workdir": args.draft_workdir}
+    log.info("speculative vs greedy")
+    result["speculative_vs_greedy"] = speculative_vs_greedy(target, params, draft,
+                                                            draft_params, ids, args)
+    log.info("prefix cache")
+    result["prefix_cache"] = prefix_hit_vs_miss(target, params, tokenizer, args)
+    log.info("beam search")
+    result["beam_vs_greedy"] = beam_vs_greedy(target, params, ids, args)
+    result["jax_version"] = jax.__version__
+
+
+if __name__ == "__main__":
+  main()
