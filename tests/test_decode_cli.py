@@ -79,8 +79,9 @@ def test_sampling_prints_log_probs_and_never_untrained_ids(run, tokenizers, tmp_
                        "--max_new_tokens", "24", "--temperature", "1.0")
   assert code == 0, err
   lines = _logprob_lines(out)
-  assert len(lines) == 3 * 24 and all(float(l[2]) <= 0 for l in lines)
-  # 72 near-uniform draws over 360 ids, 66 of them untrained: all avoid them.
+  # At most 24 per prompt (fewer where EOS was drawn: about 1 in 300 per step).
+  assert 2 * 24 < len(lines) <= 3 * 24 and all(float(l[2]) <= 0 for l in lines)
+  # Dozens of near-uniform draws over 360 ids, 66 of them untrained: all avoid them.
   assert not {int(l[0]) for l in lines} & set(untrained_ids(tokenizers[0]))
   assert [l for l in out.splitlines() if not l.startswith("  ")][0].startswith("The quick")
 

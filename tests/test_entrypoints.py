@@ -96,3 +96,24 @@ def test_lora_then_evaluate_with_the_adapter(trained, tmp_path):
   assert result.returncode == 2
   assert "error: config.model.peft.method='full': experiments.lora trains lora" in result.stderr
   assert not (tmp_path / "x").exists()
+
+
+def test_quantized_inference_prints_the_comparison_and_saves_a_checkpoint(trained, tmp_path):
+  from llm.inference import quantize as quant_lib
+  workdir, cache, _ = trained
+  saved = str(tmp_path / "int8")
+  result = _run("experiments.quantized_inference", "--workdir", workdir, "--quant", "int8",
+                "--eval_rows", "8", "--new_tokens", "4", "--repeats", "1", "--batches", "1",
+                "--save_quantized", saved, "--prompt", "The", cache=cache)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  assert lines[0].split()[:3] == ["mode", "param", "MB"]
+  none, int8 = (l.split() for l in lines[1:3])
+  assert none[0] == "none" and int8[0] == "int8" and float(int8[2][:-1]) > 2.0
+  assert abs(float(int8[4][:-1])) < 1.0  # perplexity within 1%
+  assert any(l.startswith("[int8] The") for l in lines)
+  assert quant_lib.restore(saved, "int8")["embed"]["embedding"].bits == 8
+  result = _run("experiments.quantized_inference", "--workdir", workdir, "--quant", "int4",
+                "--from_quantized", saved, cache=cache)
+  assert result.returncode != 0
+  assert "holds a int8 checkpoint, not int4" in result.stderr.strip().splitlines()[-1]

@@ -2,9 +2,6 @@
 against a float dot, every family's logits, the tree walk, checkpoints, bad input."""
 
 import functools
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -13,7 +10,6 @@ import numpy as np
 import pytest
 
 from helpers import GPT_TINY, LLAMA_TINY, random_batch
-from test_entrypoints import TINY  # the entry points' smoke-test model and data
 from llm import config as config_lib
 from llm.config import ConfigError
 from llm.inference import quantize as quant_lib
@@ -198,30 +194,3 @@ def test_bad_inputs_are_one_line_errors():
   wrong = quantize(jnp.ones((32, 16)), (-1,), 8)  # scales along the contracted axis
   with pytest.raises(ValueError, match=r"quantize it with contract=\(-2,\)"):
     wrong.quantized_dot(jnp.ones((2, 32)), (((1,), (0,)), ((), ())), jnp.float32)
-
-
-def test_experiment_prints_the_comparison_and_saves_a_checkpoint(tmp_path):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "LLM_CACHE": str(tmp_path / "cache"), "XLA_FLAGS": "",
-         "JAX_PLATFORMS": "cpu"}
-  run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=root, env=env,
-                                     capture_output=True, text=True, timeout=300)
-  workdir, saved = str(tmp_path / "clm"), str(tmp_path / "int8")
-  trained = run("experiments.pretrain_clm", "--config", "configs/gpt.py:tiny", "--workdir",
-                workdir, "--config.train.steps=2", *TINY)
-  assert trained.returncode == 0, trained.stderr[-2000:]
-  result = run("experiments.quantized_inference", "--workdir", workdir, "--quant", "int8",
-               "--eval_rows", "8", "--new_tokens", "4", "--repeats", "1", "--batches", "1",
-               "--save_quantized", saved, "--prompt", "The")
-  assert result.returncode == 0, result.stderr[-2000:]
-  lines = result.stdout.splitlines()
-  assert lines[0].split()[:3] == ["mode", "param", "MB"]
-  none, int8 = (l.split() for l in lines[1:3])
-  assert none[0] == "none" and int8[0] == "int8" and float(int8[2][:-1]) > 2.0
-  assert abs(float(int8[4][:-1])) < 1.0  # perplexity within 1%
-  assert any(l.startswith("[int8] The") for l in lines)
-  assert quant_lib.restore(saved, "int8")["embed"]["embedding"].bits == 8
-  result = run("experiments.quantized_inference", "--workdir", workdir, "--quant", "int4",
-               "--from_quantized", saved)
-  assert result.returncode != 0
-  assert "holds a int8 checkpoint, not int4" in result.stderr.strip().splitlines()[-1]
