@@ -7,6 +7,7 @@ produce the same losses.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -17,7 +18,7 @@ import jax
 from llm import data as data_lib
 from llm import models, objectives, parallel, peft, scaling
 from llm.config import Config
-from llm.inference import SamplingConfig, generate
+from llm.inference import SamplingConfig, generate, untrained_ids
 from llm.train import checkpoint as ckpt
 from llm.train.metrics import MetricsWriter, measure_matmul_peak, plot_losses, to_plain
 from llm.train.optimizer import make_optimizer, schedule
@@ -198,6 +199,8 @@ def load(workdir: str):
 def sample_texts(cfg: Config, params, tokenizer, prompts, sampling: SamplingConfig,
                  seed: int = 0) -> list[str]:
   module = models.build(cfg.model)
+  if cfg.model.family == "decoder" and not sampling.suppress_ids:  # ids it never learned
+    sampling = dataclasses.replace(sampling, suppress_ids=untrained_ids(tokenizer))
   virtual = peft.prompt.model_prefix(cfg.model)
   ids = [virtual + [tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
   outs = generate(module, params, ids, sampling, jax.random.PRNGKey(seed))
