@@ -13,7 +13,7 @@ from llm.config import ConfigError
 from llm.data.tasks import get_task
 from llm.eval.tasks import completion_log_likelihoods
 from llm.models import build
-from llm.train import loop
+from llm.train import init_from, loop
 
 # A larger init scale lets a briefly pretrained base make confident predictions at all
 # (its frozen tied embeddings bound the logits LoRA can reach).
@@ -68,6 +68,10 @@ def test_lora_from_a_pretraining_workdir_beats_the_base_model_on_its_task(pretra
   nll = lambda c, p: -completion_log_likelihoods(build(c.model), p, tokenizer, pairs).sum() / tokens
   base_nll, tuned_nll = nll(base_cfg, base_params), nll(tuned_cfg, tuned_params)
   assert tuned_nll < base_nll - 1.0, (base_nll, tuned_nll)
+  # Starting a later run from this workdir folds the LoRA into plain weights.
+  merged_model, merged, _ = init_from.pretrained(workdir)
+  assert merged_model == base_cfg.model and not any("lora" in p for p in peft.paths(merged))
+  np.testing.assert_allclose(nll(base_cfg, merged), tuned_nll, rtol=1e-4)
   # The adapter alone, applied to the base model, gives the tuned model.
   adapted_cfg, adapted = peft.load_adapter(f"{workdir}/{loop.ADAPTER_DIR}", base_cfg.model,
                                            base_params)

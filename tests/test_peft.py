@@ -72,7 +72,7 @@ def test_lora_starts_at_the_base_model_merges_and_unmerges_exactly(model):
   assert np.abs(out - _logits(base, frozen, batch)).max() > 1e-2  # LoRA now changes logits
   if module.cfg.tie_embeddings:
     with pytest.raises(ConfigError, match="tied output embedding cannot be merged"):
-      peft.lora.merge(adapted, module.cfg.peft, tie_embeddings=True)
+      peft.lora.merge(adapted, module.cfg.peft)
     return
   merged = peft.lora.merge(adapted, module.cfg.peft)
   assert not any("lora" in p for p in peft.paths(merged))

@@ -29,8 +29,8 @@ def _factor(module, name, shape, axes, init):
 
 
 def _a_init(rank):
-  # A ~ N(0, 1/r) keeps x A at the scale of x whatever the rank; B = 0 makes the adapted
-  # model start exactly at the base model.
+  # A random (std r^-1/2), B zero: the adapted model starts exactly at the base model and
+  # the first steps move B along the random directions A spans.
   return nn.initializers.normal(rank ** -0.5)
 
 
@@ -65,7 +65,7 @@ def _attend_delta(module: Embed, x_BTD, rank):
   return dot(h, b, contract_last(h.ndim, 1), module.dtype)
 
 
-# (module class, method) -> the low-rank update of that projection's output.
+# module class -> the low-rank update of that projection's output.
 _DELTAS = {Linear: _linear_delta, ExpertLinear: _expert_delta, Embed: _attend_delta}
 
 
@@ -120,17 +120,18 @@ def _map_lora_parents(params, fn):
   return {k: _map_lora_parents(v, fn) for k, v in params.items()}
 
 
-def merge(params: dict, peft: PeftConfig, tie_embeddings: bool = False) -> dict:
+def merge(params: dict, peft: PeftConfig) -> dict:
   """The plain base tree with every LoRA update folded into its kernel: W + (alpha/r) A B.
 
-  The merged tree runs on the un-adapted model at the cost of the base model. A tied
-  embedding cannot be merged (its table is also the input lookup), so that is refused.
+  The merged tree runs on the un-adapted model at the cost of the base model. LoRA on
+  the embedding exists only where it is the tied output projection, and cannot be
+  merged (the table is also the input lookup), so that is refused.
   """
   scale = peft.lora_alpha / peft.lora_rank
 
   def fold(parent):
     name, delta = _delta(parent, scale)
-    if name == "embedding" and tie_embeddings:
+    if name == "embedding":
       raise ConfigError("LoRA on the tied output embedding cannot be merged (the table is also "
                         "the input embedding); leave it out of model.peft.lora_targets")
     rest = {k: v for k, v in parent.items() if k not in ("lora_a", "lora_b")}

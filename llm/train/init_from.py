@@ -10,8 +10,9 @@ import os
 import jax
 import numpy as np
 
-from llm.config import Config, ConfigError, ModelConfig
+from llm.config import Config, ConfigError, ModelConfig, PeftConfig
 from llm.data.tokenizer import TOKENIZER_FILE
+from llm.peft.lora import merge as merge_lora
 
 
 def _kind(path: str) -> str:
@@ -29,10 +30,22 @@ def pretrained(path: str) -> tuple[ModelConfig, dict, str | None]:
   if _kind(path) == "workdir":
     from llm.train.loop import load  # the loop imports this module
     cfg, params, _ = load(path)
-    return cfg.model, jax.device_get(params), os.path.join(path, TOKENIZER_FILE)
+    model, params = _plain(cfg.model, jax.device_get(params), path)
+    return model, params, os.path.join(path, TOKENIZER_FILE)
   from llm.convert import load_pretrained
   model_cfg, params = load_pretrained(path)
   return model_cfg, params, None
+
+
+def _plain(model: ModelConfig, params: dict, path: str) -> tuple[ModelConfig, dict]:
+  """A LoRA-tuned base is merged into plain weights; other adapted bases cannot be."""
+  method = model.peft.method
+  if method in ("full", "bitfit"):
+    return model, params
+  if method != "lora":
+    raise ConfigError(f"config.train.init_from={path!r} is a {method}-tuned model, whose "
+                      "extra params cannot be folded into the weights; start from its base")
+  return dataclasses.replace(model, peft=PeftConfig()), merge_lora(params, model.peft)
 
 
 def resolve(cfg: Config, base: ModelConfig, tokenizer_file: str | None) -> Config:
