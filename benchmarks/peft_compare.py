@@ -35,6 +35,8 @@ def parse_args():
   p.add_argument("--max_examples", type=int, default=200)
   p.add_argument("--out", default="/tmp/peft_compare")
   p.add_argument("--markdown", action="store_true")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="a config override for every method, e.g. train.learning_rate=1e-2")
   return p.parse_args()
 
 
@@ -48,6 +50,13 @@ def method_config(method: str, args) -> config_lib.Config:
   cd.data.tasks = args.task
   cd.train.update(dict(steps=args.steps, init_from=args.base, eval_every=args.steps,
                        checkpoint_every=args.steps, log_every=max(args.steps // 10, 1)))
+  for override in args.set:
+    field, value = override.split("=", 1)
+    *groups, name = field.split(".")
+    node = cd
+    for group in groups:
+      node = node[group]
+    node[name] = type(node[name])(value) if node[name] is not None else value
   return config_lib.from_configdict(cd)
 
 
@@ -77,7 +86,8 @@ def main():
     rows = {}
     for method in args.methods.split(","):
       cfg = method_config(method, args)
-      workdir = os.path.join(args.out, f"{args.task}_{method}")
+      tag = "_".join(o.replace("=", "-") for o in args.set)
+      workdir = os.path.join(args.out, f"{args.task}_{method}{'_' + tag if tag else ''}")
       start = time.perf_counter()
       last = train.run(cfg, workdir, progress=False)
       seconds = time.perf_counter() - start
