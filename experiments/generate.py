@@ -3,9 +3,7 @@
   python -m experiments.generate --workdir /tmp/gpt_tiny --prompt "The " --max_new_tokens 32 \
       --temperature 0 --logprobs
   python -m experiments.generate --workdir /tmp/gpt_tiny --prompts_file prompts.txt --beams 4
-  python -m experiments.generate --workdir /tmp/gpt_small --draft_workdir /tmp/gpt_tiny \
-      --gamma 4 --temperature 0
-  python -m experiments.generate --workdir /tmp/gpt_tiny --quant int8
+  python -m experiments.generate --workdir /tmp/gpt_small --draft_workdir /tmp/gpt_tiny --quant int8
 
 A decoder continues each prompt and never emits ids it was not trained to predict (pad,
 `<mask>`, span sentinels); an encoder-decoder (T5) reads each prompt as its input.
@@ -15,11 +13,11 @@ import jax
 from absl import app, flags, logging
 
 from experiments.common import one_line_errors
-from llm import models, train
 from llm.config import ConfigError
 from llm.inference import (SamplingConfig, beam_search, generate_sequences,
                            speculative_generate, untrained_ids)
 from llm.inference.speculative import check_same_tokenizer
+from llm.inference.workdir import continuation_text, load_model, prompt_ids, read_prompts
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by a training run.",
                                required=True)
@@ -41,32 +39,12 @@ _QUANT = flags.DEFINE_string("quant", "none", "Weights for inference: none|bf16|
 _LOGPROBS = flags.DEFINE_boolean("logprobs", False, "Print each new token's log-probability.")
 
 
-def read_prompts() -> list[str]:
-  if _PROMPTS_FILE.value is None:
-    return list(_PROMPT.value)
-  with open(_PROMPTS_FILE.value, encoding="utf-8") as f:
-    prompts = [line.rstrip("\n") for line in f if line.strip()]
-  if not prompts:
-    raise ConfigError(f"--prompts_file {_PROMPTS_FILE.value}: no prompts in it (one per line)")
-  return prompts
-
-
-def load_model(workdir: str, quant: str):
-  """(module, params, tokenizer) of the workdir's latest checkpoint, quantized per `quant`."""
-  cfg, params, tokenizer = train.load(workdir)
-  model_cfg = cfg.model
-  if quant != "none":
-    from llm.inference.quantize import inference_config, quantize_params
-    model_cfg, params = inference_config(model_cfg, quant), quantize_params(params, quant)
-  return models.build(model_cfg), params, tokenizer
-
-
 def run(module, params, tokenizer, ids, sampling, rng):
   """(generation, a note to print) with the strategy the flags pick."""
   if _DRAFT.value is not None:
     if _BEAMS.value != 1:
       raise ConfigError("--beams with --draft_workdir: speculative decoding samples; use one")
-    draft, draft_params, draft_tokenizer = load_model(_DRAFT.value, "none")
+    draft, draft_params, draft_tokenizer = load_model(_DRAFT.value)
     check_same_tokenizer(tokenizer, draft_tokenizer)
     out, stats = speculative_generate(module, params, draft, draft_params, ids, sampling, rng,
                                       gamma=_GAMMA.value)
@@ -87,13 +65,10 @@ def main(argv):
   if _QUANT.value != "none":
     from llm.inference.quantize import check_mode
     check_mode(_QUANT.value)
-  prompts = read_prompts()
+  prompts = read_prompts(_PROMPTS_FILE.value) if _PROMPTS_FILE.value else list(_PROMPT.value)
   module, params, tokenizer = load_model(_WORKDIR.value, _QUANT.value)
   seq2seq = module.cfg.family == "encoder_decoder"
-  if seq2seq:
-    ids = [tokenizer.encode(p) + [tokenizer.eos_id] for p in prompts]
-  else:
-    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+  ids = prompt_ids(tokenizer, module.cfg.family, prompts)
   sampling = SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                             top_p=_TOP_P.value, max_new_tokens=_MAX_NEW.value,
                             eos_id=tokenizer.eos_id,
@@ -102,13 +77,9 @@ def main(argv):
   if note:
     print(note)
   beams = out.tokens.ndim == 3
-  for row, (prompt, prompt_ids, new) in enumerate(zip(prompts, ids, out.lists())):
-    if seq2seq:
-      print(f"{prompt} -> {tokenizer.decode(new)}")
-    else:
-      # Decode prompt and continuation together: sentencepiece drops a leading space when
-      # a continuation is decoded on its own.
-      print(f"{prompt}{tokenizer.decode(prompt_ids + new)[len(tokenizer.decode(prompt_ids)):]}")
+  for row, (prompt, ids_of_prompt, new) in enumerate(zip(prompts, ids, out.lists())):
+    print(f"{prompt} -> {tokenizer.decode(new)}" if seq2seq
+          else f"{prompt}{continuation_text(tokenizer, ids_of_prompt, new)}")
     if _LOGPROBS.value:
       logprobs = out.logprobs[row, 0] if beams else out.logprobs[row]
       for token, logp in zip(new, logprobs.tolist()):

@@ -10,7 +10,7 @@ import pytest
 from absl import flags
 
 from experiments import generate as generate_exp
-from llm import config as config_lib
+from llm import config as config_lib, train
 from llm.data.tokenizer import train_tokenizer
 from llm.inference import untrained_ids
 from llm.models import build
@@ -53,7 +53,7 @@ def workdirs(tokenizers):
 
 @pytest.fixture
 def run(workdirs, monkeypatch, capsys):
-  monkeypatch.setattr(generate_exp.train, "load", lambda workdir: workdirs[workdir])
+  monkeypatch.setattr(train, "load", lambda workdir: workdirs[workdir])
 
   def call(*args):
     flags.FLAGS.unparse_flags()

@@ -6,7 +6,7 @@ import jax
 from llm.config import ModelConfig
 from llm.layers.linear import Linear
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
     "relu": jax.nn.relu,
@@ -25,7 +25,7 @@ class MLP(nn.Module):
     proj = lambda features, axes, name: Linear(
         features, axes, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         init_std=cfg.init_std, name=name)
-    act = _ACTIVATIONS[cfg.activation]
+    act = ACTIVATIONS[cfg.activation]
     if cfg.activation in GATED:
       h_BTF = act(proj((cfg.d_ff,), ("embed", "mlp"), "wi_gate")(x_BTD))
       h_BTF = h_BTF * proj((cfg.d_ff,), ("embed", "mlp"), "wi_up")(x_BTD)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from llm.config import ModelConfig
 from llm.layers.common import dtype_of
 from llm.layers.linear import Linear, dot, logical_init
-from llm.layers.mlp import _ACTIVATIONS, GATED
+from llm.layers.mlp import ACTIVATIONS, GATED
 
 STATS = "moe_stats"  # the collection MoE layers sow into
 
@@ -204,7 +204,7 @@ class MoE(nn.Module):
     proj = lambda features, axes, name: ExpertLinear(
         features, axes, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         init_std=cfg.init_std, name=name)
-    act = _ACTIVATIONS[cfg.activation]
+    act = ACTIVATIONS[cfg.activation]
     if cfg.activation in GATED:
       h_BECF = act(proj(cfg.d_ff, ("expert", "embed", "mlp"), "wi_gate")(x_BECD))
       h_BECF = h_BECF * proj(cfg.d_ff, ("expert", "embed", "mlp"), "wi_up")(x_BECD)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from llm.config import ModelConfig
 from llm.layers.linear import Linear, logical_init
-from llm.layers.mlp import _ACTIVATIONS
+from llm.layers.mlp import ACTIVATIONS
 from llm.models.blocks import (Block, Embed, block_stack, check_length, default_positions,
                                make_norm)
 
@@ -86,7 +86,7 @@ class Encoder(nn.Module):
 
   def _mlm_head(self, hidden_BTD, embed: Embed):
     cfg = self.cfg
-    h_BTD = _ACTIVATIONS[cfg.activation](self._dense(cfg.d_model, "mlm_dense")(hidden_BTD))
+    h_BTD = ACTIVATIONS[cfg.activation](self._dense(cfg.d_model, "mlm_dense")(hidden_BTD))
     h_BTD = make_norm(cfg, "mlm_norm")(h_BTD)
     logits_BTV = embed.attend(h_BTD)
     bias_V = self.param("mlm_bias", logical_init(nn.initializers.zeros, ("vocab",)),

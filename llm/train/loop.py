@@ -19,6 +19,7 @@ from llm import data as data_lib
 from llm import models, objectives, parallel, peft, scaling
 from llm.config import Config
 from llm.inference import SamplingConfig, generate, untrained_ids
+from llm.inference.workdir import continuation_text
 from llm.train import checkpoint as ckpt
 from llm.train.metrics import MetricsWriter, measure_matmul_peak, plot_losses, to_plain
 from llm.train.optimizer import make_optimizer, schedule
@@ -204,7 +205,4 @@ def sample_texts(cfg: Config, params, tokenizer, prompts, sampling: SamplingConf
   virtual = peft.prompt.model_prefix(cfg.model)
   ids = [virtual + [tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
   outs = generate(module, params, ids, sampling, jax.random.PRNGKey(seed))
-  # Decode prompt and continuation together: sentencepiece drops a leading space when a
-  # continuation is decoded on its own.
-  real = [i[len(virtual):] for i in ids]
-  return [tokenizer.decode(i + o)[len(tokenizer.decode(i)):] for i, o in zip(real, outs)]
+  return [continuation_text(tokenizer, i[len(virtual):], o) for i, o in zip(ids, outs)]
