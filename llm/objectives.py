@@ -19,7 +19,6 @@ import numpy as np
 import optax
 
 from llm.data import pipeline
-from llm.layers.attention import prefix_lm_mask  # noqa: F401 (the mask lives with attention)
 from llm.models import apply_batch
 
 Batch = dict

@@ -9,7 +9,7 @@ import timeit
 import numpy as np
 import pytest
 
-from llm import objectives
+from llm.layers.attention import prefix_lm_mask
 from llm.data import objectives as obj
 from llm.data import packing, train_tokenizer
 
@@ -366,7 +366,7 @@ def test_prefix_lm_rows_and_mask():
   np.testing.assert_array_equal(weights, plain["weights"] * ~next_in_prefix)
   assert 0.2 < weights.sum() / plain["weights"].sum() < 0.8
 
-  mask = np.asarray(objectives.prefix_lm_mask(segments, prefix))
+  mask = np.asarray(prefix_lm_mask(segments, prefix))
   np.testing.assert_array_equal(mask, reference_prefix_mask(segments, prefix))
   b, t = np.nonzero(weights[:, :-1])
   leaks = mask[b, t, t + 1] & (segments[b, t + 1] == segments[b, t])
