@@ -153,9 +153,12 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
-  data: int = -1  # -1: all devices not used by the other axes
-  fsdp: int = 1
-  tensor: int = 1
+  """Mesh axis sizes; exactly one may be -1 ("the devices the other axes leave")."""
+
+  data: int = -1
+  fsdp: int = 1  # params, gradients and optimizer state sharded (ZeRO-3)
+  tensor: int = 1  # heads, MLP and vocab dims split (Megatron-style)
+  expert: int = 1  # MoE experts split; the batch is split over it too outside the experts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,8 +310,12 @@ def validate(cfg: Config) -> Config:
   _require(0 <= t.warmup_steps, f"config.train.warmup_steps={t.warmup_steps}: must be >= 0")
   _require(t.keep_checkpoints > 0,
            f"config.train.keep_checkpoints={t.keep_checkpoints}: must be > 0")
-  for axis in ("fsdp", "tensor"):
-    _require(getattr(cfg.parallel, axis) > 0, f"config.parallel.{axis}: must be > 0")
+  sizes = {axis: getattr(cfg.parallel, axis) for axis in ("data", "fsdp", "tensor", "expert")}
+  for axis, size in sizes.items():
+    _require(size > 0 or size == -1,
+             f"config.parallel.{axis}={size}: must be > 0, or -1 for the devices left over")
+  _require(list(sizes.values()).count(-1) <= 1,
+           f"config.parallel: only one axis may be -1 (got {sizes}); give the others sizes")
   return cfg
 
 

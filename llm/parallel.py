@@ -8,6 +8,7 @@ only by the mesh shape in the config.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Sequence
 
@@ -18,11 +19,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llm.config import ConfigError, ParallelConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+# Rows of the batch are split over every axis that does not split the model's width:
+# outside the MoE layers the expert axis is one more data axis (as in GShard).
+BATCH_AXES = ("data", "fsdp", "expert")
 
-# Logical name -> mesh axes. Params shard their `embed` dim over fsdp (ZeRO-3) and their
-# head / mlp / vocab dims over tensor; activations (act_*) shard the batch over data x fsdp.
+# Logical name -> mesh axes. Params shard their `embed` dim over fsdp (ZeRO-3), their
+# head / mlp / vocab dims over tensor and their `expert` dim over expert; activations
+# (act_*) shard the batch over data x fsdp x expert, and inside a MoE layer the
+# dispatched (row, expert, slot) tensors put the experts on the expert axis instead,
+# which is where GSPMD inserts the all-to-all that sends tokens to their experts.
 RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -38,52 +44,88 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("act_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    ("act_expert_batch", ("data", "fsdp")),
+    ("act_expert", "expert"),
 )
 
 
-def mesh_shape(pcfg: ParallelConfig, num_devices: int) -> tuple[int, int, int]:
-  """Resolves data=-1 to the devices left over; checks the product."""
-  fixed = pcfg.fsdp * pcfg.tensor
-  data = pcfg.data if pcfg.data > 0 else num_devices // fixed
-  if data * fixed != num_devices:
+def mesh_shape(pcfg: ParallelConfig, num_devices: int) -> tuple[int, ...]:
+  """Axis sizes in MESH_AXES order; the one axis set to -1 takes the devices left over."""
+  sizes = [getattr(pcfg, axis) for axis in MESH_AXES]
+  named = " ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ConfigError(f"config.parallel {named}: each size must be > 0, and at most one -1")
+  fixed = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    sizes[sizes.index(-1)] = max(num_devices // fixed, 1)
+  if int(np.prod(sizes)) != num_devices:
     raise ConfigError(
-        f"config.parallel data={pcfg.data} fsdp={pcfg.fsdp} tensor={pcfg.tensor} needs "
-        f"{data * fixed} devices but {num_devices} are present; make the product match "
-        "(or set data=-1)")
-  return data, pcfg.fsdp, pcfg.tensor
+        f"config.parallel {named} needs {int(np.prod(sizes))} devices but {num_devices} are "
+        "present; make the product of the axis sizes match (or set one axis to -1)")
+  return tuple(sizes)
 
 
 def make_mesh(pcfg: ParallelConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A Mesh over `devices` (default: all, on every process) with Auto axes (GSPMD
+  propagates shardings from the params, batch and logical constraints)."""
   devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_shape(pcfg, len(devices))
-  device_grid = np.asarray(devices).reshape(shape)
-  auto = getattr(jax.sharding, "AxisType", None)
-  if auto is not None:  # newer jax defaults to Explicit axes; we want Auto (GSPMD)
-    return Mesh(device_grid, MESH_AXES, axis_types=(auto.Auto,) * len(MESH_AXES))
-  return Mesh(device_grid, MESH_AXES)
+  device_grid = np.asarray(devices).reshape(mesh_shape(pcfg, len(devices)))
+  auto = jax.sharding.AxisType.Auto
+  return Mesh(device_grid, MESH_AXES, axis_types=(auto,) * len(MESH_AXES))
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+def abstract_mesh(sizes: dict) -> jax.sharding.AbstractMesh:
+  """A mesh of these axis sizes without devices (for planning and AOT compiles)."""
+  return jax.sharding.AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+
+
+def check_rules(mesh, rules=RULES) -> None:
+  """A rule that names a mesh axis the mesh lacks would silently leave arrays unsharded."""
+  for name, axes in rules:
+    for axis in (axes,) if isinstance(axes, str) else tuple(axes or ()):
+      if axis not in mesh.shape:
+        raise ValueError(f"logical axis rule {name!r} -> {axis!r}: the mesh has no axis "
+                         f"{axis!r} (it has {', '.join(mesh.shape)}); fix the rule or the mesh")
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh,
                     rules=RULES) -> P:
   """PartitionSpec for an array with logical `names`.
 
   A mesh axis is dropped where it does not divide the dimension, or is already used by
   an earlier dimension, so any config runs on any mesh (unsharded rather than failing).
+  A logical name without a rule, or a rule naming an axis the mesh lacks, is an error.
   """
+  check_rules(mesh, rules)
   table = dict(rules)
   used: set[str] = set()
   spec = []
   for name, dim in zip(names, shape):
+    if name is not None and name not in table:
+      raise ValueError(f"logical axis {name!r} has no rule in llm.parallel.RULES; add one "
+                       "(None for unsharded)")
     axes = table.get(name) if name is not None else None
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     kept = []
     for axis in axes:
-      size = mesh.shape.get(axis, 1)
-      if axis in mesh.shape and axis not in used and dim % (size * _prod(mesh, kept)) == 0:
+      if axis not in used and dim % (mesh.shape[axis] * _prod(mesh, kept)) == 0:
         kept.append(axis)
     used.update(kept)
     spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
   return P(*spec)
+
+
+def with_activation_rules(fn, mesh: Mesh, rules=RULES):
+  """`fn` traced with the mesh and logical rules in context, so the models' logical
+  constraints on activations (`nn.with_logical_constraint`) take effect; outside such a
+  context (e.g. decoding on one device) they are no-ops. Wrap a function before jit."""
+  check_rules(mesh, rules)
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+      return fn(*args, **kwargs)
+  return traced
 
 
 def _prod(mesh: Mesh, axes) -> int:
@@ -121,7 +163,26 @@ def check_batch_divisible(batch_size: int, mesh: Mesh, microbatches: int = 1):
   if (batch_size // microbatches) % shards:
     raise ConfigError(
         f"config.data.batch_size={batch_size} (/ microbatches={microbatches}) is not divisible"
-        f" by the {shards} data x fsdp shards of the mesh; pick a multiple of {shards}")
+        f" by the {shards} data x fsdp x expert shards of the mesh; pick a multiple of "
+        f"{shards * microbatches}")
+
+
+def check_fits_mesh(cfg, mesh: Mesh) -> None:
+  """The config's sizes split over the mesh as the rules ask, checked before compiling:
+  the batch over data x fsdp x expert, the heads over tensor, the experts over expert."""
+  check_batch_divisible(cfg.data.batch_size, mesh, cfg.train.microbatches)
+  m, tensor, expert = cfg.model, mesh.shape["tensor"], mesh.shape["expert"]
+  if m.num_heads % tensor:
+    raise ConfigError(f"config.model.num_heads={m.num_heads} is not divisible by the tensor "
+                      f"axis (config.parallel.tensor={tensor}); pick a tensor size that "
+                      "divides the head count")
+  if m.moe.num_experts and expert > m.moe.num_experts:
+    raise ConfigError(f"config.parallel.expert={expert} is more expert shards than the "
+                      f"{m.moe.num_experts} experts (config.model.moe.num_experts); use at "
+                      f"most {m.moe.num_experts}")
+  if m.moe.num_experts and m.moe.num_experts % expert:
+    raise ConfigError(f"config.model.moe.num_experts={m.moe.num_experts} is not divisible by "
+                      f"config.parallel.expert={expert}; pick an expert size that divides it")
 
 
 def init_distributed():
