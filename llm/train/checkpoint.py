@@ -9,7 +9,6 @@ checkpoint that does not restore is skipped for the newest one that does.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ import orbax.checkpoint as ocp
 from llm import config as config_lib
 from llm.config import ConfigError
 from llm.inference import quantize
+from llm.train import safety
 
 CONFIG_FILE = "config.json"
 CORRUPT_DIR = "corrupt_checkpoints"  # checkpoints that failed to restore, kept for a look
@@ -43,36 +43,15 @@ def checkpoint_dir(workdir: str) -> str:
 
 def save(mgr: ocp.CheckpointManager, step: int, state_items: dict, data_state: dict,
          force: bool = False) -> None:
-  with disk_errors(f"saving checkpoint {step} in {mgr.directory}"):
+  with safety.disk_errors(f"saving checkpoint {step} in {mgr.directory}"):
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state_items),
                                            data=ocp.args.JsonSave(data_state)), force=force)
 
 
 def wait(mgr: ocp.CheckpointManager) -> None:
   """Blocks until the in-flight async save is committed (its errors surface here)."""
-  with disk_errors(f"saving a checkpoint in {mgr.directory}"):
+  with safety.disk_errors(f"saving a checkpoint in {mgr.directory}"):
     mgr.wait_until_finished()
-
-
-class disk_errors:
-  """Turns a full disk or quota (ENOSPC, EDQUOT) into one line; the previous checkpoint
-  is untouched, because orbax only renames a step into place once it is complete."""
-
-  def __init__(self, what: str):
-    self.what = what
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, kind, error, tb):
-    cause = error
-    while cause is not None and not isinstance(cause, OSError):
-      cause = cause.__cause__ or cause.__context__
-    if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-      raise OSError(cause.errno, f"{self.what}: no space left on the device; the previous "
-                    "checkpoint is intact. Free space (or set --config.train.keep_checkpoints "
-                    "lower) and rerun to resume") from None
-    return False
 
 
 def restore(mgr: ocp.CheckpointManager, abstract_items: dict, step: int):
@@ -173,7 +152,7 @@ def write_config(workdir: str, cfg: config_lib.Config) -> None:
   """Records the run's config atomically (a crash mid-write leaves the old one)."""
   path = os.path.join(workdir, CONFIG_FILE)
   tmp = path + ".tmp"
-  with disk_errors(f"writing {path}"):
+  with safety.disk_errors(f"writing {path}"):
     with open(tmp, "w") as f:
       f.write(config_lib.to_json(cfg))
     os.replace(tmp, path)

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm.train import safety
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -24,8 +26,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     clean = {k: to_plain(v) for k, v in record.items()}
-    from llm.train.checkpoint import disk_errors
-    with disk_errors(f"writing {self.path}"), open(self.path, "a") as f:
+    with safety.disk_errors(f"writing {self.path}"), open(self.path, "a") as f:
       f.write(json.dumps(clean) + "\n")
 
 

@@ -7,6 +7,8 @@
 - `WorkdirLock`: one run owns a workdir; a second fails at once naming the owner.
   `flock` is released by the kernel when the owner dies, so a SIGKILLed run never
   leaves a stale lock.
+- `disk_errors`: a full disk while saving or logging is one line, and the previous
+  checkpoint stays restorable.
 - `check_finite`: the optimizer skips any update whose gradients are not finite
   (`optax.apply_if_finite`), so params never turn NaN; before anything is saved the loop
   asks whether a step was skipped and, unless `train.skip_nonfinite`, stops.
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -138,3 +141,24 @@ def check_finite(opt_state, step: int, seen: int, skip: bool) -> int:
         "--config.train.grad_clip, or set --config.train.skip_nonfinite=True to skip such "
         "steps")
   return total
+
+
+class disk_errors:
+  """Turns a full disk or quota (ENOSPC, EDQUOT) into one line; the previous checkpoint
+  is untouched, because orbax only renames a step into place once it is complete."""
+
+  def __init__(self, what: str):
+    self.what = what
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+      cause = cause.__cause__ or cause.__context__
+    if cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+      raise OSError(cause.errno, f"{self.what}: no space left on the device; the previous "
+                    "checkpoint is intact. Free space (or set --config.train.keep_checkpoints "
+                    "lower) and rerun to resume") from None
+    return False
