@@ -7,7 +7,12 @@ from llm.config import ConfigError
 
 
 def one_line_errors(main):
-  """Prints ConfigError / ValueError as `error: ...` and exits 2, as users expect of a CLI."""
+  """Prints ConfigError / ValueError as `error: ...` and exits 2, as users expect of a CLI;
+  a preempted run exits with safety.PREEMPTED_EXIT_CODE, a diverged or disk-full one 1."""
+  import errno
+
+  from llm.train import safety
+
   @functools.wraps(main)
   def wrapped(argv):
     try:
@@ -15,6 +20,14 @@ def one_line_errors(main):
     except (ConfigError, ValueError, FileNotFoundError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
+    except safety.Preempted as e:
+      print(f"stopped: {e}", file=sys.stderr)
+      sys.exit(safety.PREEMPTED_EXIT_CODE)
+    except (safety.NonFiniteError, OSError) as e:
+      if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
   return wrapped
 
 
