@@ -200,7 +200,12 @@ class MoE(nn.Module):
     dispatch_BTEC, combine_BTEC, routed = jax.vmap(route)(probs_BTE, valid_G=valid_BT)
 
     dtype = dtype_of(cfg.dtype)
+    # Expert parallelism: rows arrive split over data x fsdp x expert; the constraint puts
+    # the experts on the expert axis instead, so GSPMD sends each token to the devices
+    # holding its experts (an all-to-all) and brings the outputs back the same way.
+    on_experts = ("act_expert_batch", "act_expert", None)
     x_BECD = jnp.einsum("btec,btd->becd", dispatch_BTEC.astype(dtype), x_BTD.astype(dtype))
+    x_BECD = nn.with_logical_constraint(x_BECD, (*on_experts, "act_embed"))
     proj = lambda features, axes, name: ExpertLinear(
         features, axes, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         init_std=cfg.init_std, name=name)
@@ -210,9 +215,10 @@ class MoE(nn.Module):
       h_BECF = h_BECF * proj(cfg.d_ff, ("expert", "embed", "mlp"), "wi_up")(x_BECD)
     else:
       h_BECF = act(proj(cfg.d_ff, ("expert", "embed", "mlp"), "wi")(x_BECD))
-    h_BECF = nn.with_logical_constraint(h_BECF, ("act_batch", None, None, "act_mlp"))
+    h_BECF = nn.with_logical_constraint(h_BECF, (*on_experts, "act_mlp"))
     h_BECF = nn.Dropout(cfg.dropout)(h_BECF, deterministic=deterministic)
     y_BECD = proj(cfg.d_model, ("expert", "mlp", "embed"), "wo")(h_BECF)
+    y_BECD = nn.with_logical_constraint(y_BECD, (*on_experts, "act_embed"))
     y_BTD = jnp.einsum("btec,becd->btd", combine_BTEC.astype(dtype), y_BECD)
 
     # Balance is measured over the whole batch, not per group: the quantity to balance is

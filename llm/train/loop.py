@@ -38,17 +38,27 @@ def create_state(cfg: Config, mesh, params=None):
   unsharded model (what FSDP needs at scale). `params` (host arrays, e.g. pretrained
   weights overlaid on a fresh init) replace the random init. Returns (state, shardings).
   """
-  module = models.build(cfg.model)
-  objective = objectives.get(cfg.data.objective)
-  trainable = peft.trainable_pattern(cfg.model.peft, cfg.train.trainable)
-  make = functools.partial(init_state, module, functools.partial(objective.loss, module),
-                           make_optimizer(cfg.train), objective.example_batch(cfg, 1),
-                           cfg.train.seed, trainable, cfg.train.microbatches)
-  abstract_boxed = jax.eval_shape(functools.partial(make, boxed=True))
-  shardings = parallel.tree_shardings(abstract_boxed, mesh)
+  make = state_factory(cfg)
+  shardings = state_shardings(make, mesh)
   if params is None:
     return jax.jit(make, out_shardings=shardings)(), shardings
   return jax.jit(lambda p: make(params=p), out_shardings=shardings)(params), shardings
+
+
+def state_factory(cfg: Config):
+  """`init_state` for `cfg` as a function of (params=None, boxed=False). States made by
+  one factory share their static fields, so they and their shardings are one pytree type."""
+  module = models.build(cfg.model)
+  objective = objectives.get(cfg.data.objective)
+  trainable = peft.trainable_pattern(cfg.model.peft, cfg.train.trainable)
+  return functools.partial(init_state, module, functools.partial(objective.loss, module),
+                           make_optimizer(cfg.train), objective.example_batch(cfg, 1),
+                           cfg.train.seed, trainable, cfg.train.microbatches)
+
+
+def state_shardings(make, mesh):
+  """NamedShardings of the state `make` builds, on `mesh`, by logical names (traced only)."""
+  return parallel.tree_shardings(jax.eval_shape(functools.partial(make, boxed=True)), mesh)
 
 
 def _initial_params(cfg: Config, base_params) -> dict:
@@ -64,9 +74,11 @@ def _initial_params(cfg: Config, base_params) -> dict:
 
 def compiled_steps(state_shardings, mesh):
   batch_sh = parallel.batch_sharding(mesh)
-  train = jax.jit(train_step, in_shardings=(state_shardings, batch_sh),
+  train = jax.jit(parallel.with_activation_rules(train_step, mesh),
+                  in_shardings=(state_shardings, batch_sh),
                   out_shardings=(state_shardings, None), donate_argnums=0)
-  evaluate = jax.jit(eval_step, in_shardings=(state_shardings, batch_sh))
+  evaluate = jax.jit(parallel.with_activation_rules(eval_step, mesh),
+                     in_shardings=(state_shardings, batch_sh))
   return train, evaluate
 
 
@@ -103,6 +115,8 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
 
 def _run(cfg, workdir, base_params, lock, preemption, progress):
   tcfg, dcfg = cfg.train, cfg.data
+  mesh = parallel.make_mesh(cfg.parallel)  # before any data or compile: a bad mesh fails now
+  parallel.check_fits_mesh(cfg, mesh)
   has_checkpoint = os.path.isdir(ckpt.checkpoint_dir(workdir)) and any(
       name.isdigit() for name in os.listdir(ckpt.checkpoint_dir(workdir)))
   ckpt.check_config(workdir, cfg, resuming=has_checkpoint)
@@ -112,8 +126,6 @@ def _run(cfg, workdir, base_params, lock, preemption, progress):
   train_rows = objective.rows(cfg, tokenizer, dcfg.train_split)
   eval_rows = objective.rows(cfg, tokenizer, dcfg.eval_split)
   make_batch = objective.batches(cfg, tokenizer)
-  mesh = parallel.make_mesh(cfg.parallel)
-  parallel.check_batch_divisible(dcfg.batch_size, mesh, tcfg.microbatches)
 
   os.makedirs(workdir, exist_ok=True)  # every check passed: the run may write now
   lock.acquire()
