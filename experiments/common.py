@@ -1,9 +1,23 @@
 """Shared flag handling for the entry points: one-line errors instead of tracebacks."""
 
 import functools
+import os
 import sys
 
+from absl import flags
+
 from llm.config import ConfigError
+
+# A multi-process job (see README "Multi-host"): these, else the JAX_* environment
+# variables; under SLURM, Open MPI or on a TPU pod slice jax finds them itself.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in the job (JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process, 0 .. num_processes - 1 (JAX_PROCESS_ID).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 30, "A process silent this long "
+                                  "counts as dead, and the others exit.")
 
 
 def one_line_errors(main):
@@ -28,18 +42,36 @@ def one_line_errors(main):
         raise
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
+    except Exception as e:  # noqa: BLE001 -- only a multi-process job's lost peer is ours
+      lost_peer(e)
+      raise
   return wrapped
+
+
+def lost_peer(error: Exception) -> None:
+  """In a multi-process job a runtime error in a collective means a peer died (or its
+  host went away): say so in one line and exit at once, skipping jax.distributed's
+  shutdown barrier, which would wait minutes for the dead process."""
+  import jax
+  if not isinstance(error, jax.errors.JaxRuntimeError) or jax.process_count() == 1:
+    return
+  first = str(error).strip().splitlines()[0][:300]
+  print(f"error: process {jax.process_index()} of {jax.process_count()} lost a peer ({first});"
+        " another process of the job most likely died, see its log; restart the whole job "
+        "to resume from the last checkpoint", file=sys.stderr, flush=True)
+  os._exit(1)
 
 
 def start(config_dict):
   """The start of every training entry point: quiet logs, join a multi-host job if the
-  environment describes one, and validate the config at the boundary."""
+  flags or the environment describe one, and validate the config at the boundary."""
   from absl import logging
 
   from llm import config as config_lib
   from llm import parallel
   logging.set_verbosity(logging.WARNING)
-  parallel.init_distributed()
+  parallel.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                            _HEARTBEAT.value)
   return config_lib.from_configdict(config_dict)
 
 

@@ -185,16 +185,75 @@ def check_fits_mesh(cfg, mesh: Mesh) -> None:
                       f"config.parallel.expert={expert}; pick an expert size that divides it")
 
 
-def init_distributed():
-  """Joins a multi-host job (TPU pod, GPU cluster) when the environment describes one.
+_ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+        "process_id": "JAX_PROCESS_ID"}
+# Launchers jax.distributed finds the coordinator under by itself, by their process count.
+_LAUNCHERS = {"SLURM_NTASKS": "SLURM", "OMPI_COMM_WORLD_SIZE": "Open MPI",
+              "TPU_WORKER_ID": "a TPU pod slice"}
 
-  On TPU and under SLURM / Open MPI, `jax.distributed.initialize()` finds the
-  coordinator itself; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID. Single-process runs skip it.
+
+def distributed_args(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, env=None) -> dict | None:
+  """The arguments of `jax.distributed.initialize` from flags, else the JAX_* environment
+  variables; {} to let jax detect a SLURM / Open MPI / TPU launch; None for one process.
+
+  Raises ConfigError, before anything starts, for a launch that cannot be consistent: a
+  flag contradicting its environment variable, an address without a process count and id
+  (outside a known launcher), an id outside [0, num_processes), or a process count
+  different from the launcher's.
   """
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
-                               int(env["JAX_PROCESS_ID"]))
-  elif any(k in env for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_ID")):
-    jax.distributed.initialize()
+  env = os.environ if env is None else env
+  flags = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+           "process_id": process_id}
+  args = {}
+  for key, flag in flags.items():
+    value = env.get(_ENV[key]) or None
+    if value is not None and key != "coordinator_address":
+      if not value.lstrip("-").isdigit():
+        raise ConfigError(f"{_ENV[key]}={value!r}: expected an integer")
+      value = int(value)
+    if flag is not None and value is not None and flag != value:
+      raise ConfigError(f"--{key}={flag} but {_ENV[key]}={value}: the launch is inconsistent; "
+                        f"drop one of them")
+    args[key] = flag if flag is not None else value
+  launcher = next((name for var, name in _LAUNCHERS.items() if var in env), None)
+  launched = {"SLURM_NTASKS": env.get("SLURM_NTASKS"),
+              "OMPI_COMM_WORLD_SIZE": env.get("OMPI_COMM_WORLD_SIZE")}
+  given = {k: v for k, v in args.items() if v is not None}
+  if not given:
+    return {} if launcher else None
+  n, i = args["num_processes"], args["process_id"]
+  for var, count in launched.items():
+    if n is not None and count is not None and count.isdigit() and int(count) != n:
+      raise ConfigError(f"--num_processes={n} but {_LAUNCHERS[var]} started {count} "
+                        f"processes ({var}); make them agree")
+  if not launcher and (n is None or i is None or args["coordinator_address"] is None):
+    missing = [f"--{k} ({_ENV[k]})" for k, v in args.items() if v is None]
+    raise ConfigError(f"a multi-process launch needs {', '.join(missing)} as well; set all "
+                      "three on every process, or launch under SLURM / Open MPI / a TPU pod")
+  if n is not None and n < 1:
+    raise ConfigError(f"--num_processes={n}: must be >= 1")
+  if n is not None and i is not None and not 0 <= i < n:
+    raise ConfigError(f"--process_id={i} is not in [0, num_processes={n}); the ids of the "
+                      f"{n} processes are 0 .. {n - 1}")
+  return given
+
+
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None, heartbeat_timeout_s: int = 30) -> bool:
+  """Joins a multi-process job (TPU pod slice, GPU cluster, several CPU processes) when
+  the flags or the environment describe one (`distributed_args`); returns whether it did.
+
+  If a process dies, the coordination service notices within `heartbeat_timeout_s` and
+  every other process exits with an error instead of waiting forever in a collective.
+  Call before any other jax work. CPU processes exchange collectives through gloo.
+  """
+  args = distributed_args(coordinator_address, num_processes, process_id)
+  if args is None:
+    return False
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**args, heartbeat_timeout_seconds=heartbeat_timeout_s)
+  if args.get("num_processes") and jax.process_count() != args["num_processes"]:
+    raise ConfigError(f"--num_processes={args['num_processes']} but the job has "
+                      f"{jax.process_count()} processes; make them agree")
+  return True
