@@ -112,15 +112,16 @@ def test_every_family_steps_on_three_meshes_as_on_one_device(families, name):
                                  jax.device_get(ref_state.params))
   assert max(jax.tree_util.tree_leaves(moved)) > 1e-4  # the step did update the params
   for mesh_shape in FAMILIES[name][2]:
-    state, metrics, _ = family.step(family.host_state, mesh_shape, _batch())
+    state, metrics, compiled = family.step(family.host_state, mesh_shape, _batch())
     _assert_same_step((state, metrics), (ref_state, ref_metrics))
     spec = str(jax.tree_util.tree_leaves(state.params)[0].sharding.spec)
     leaves = jax.tree_util.tree_leaves(state.params)
     if mesh_shape[1] > 1 or mesh_shape[2] > 1:  # FSDP / tensor: params really are split
       assert any(x.addressable_shards[0].data.size < x.size for x in leaves), spec
-    if mesh_shape[3] > 1:  # each device holds only its share of the experts
+    if mesh_shape[3] > 1:  # each device holds its share of the experts; tokens travel
       wo = state.params["layers"]["block_1"]["moe"]["wo"]["kernel"]
       assert wo.addressable_shards[0].data.shape[1] == 4 // mesh_shape[3]
+      assert "all-to-all" in compiled.as_text()
 
 
 def test_checkpoint_restores_onto_another_mesh_and_device_count(families, tmp_path):
