@@ -87,7 +87,7 @@ def main(argv):
         f"(KV cache {_gb(serve['kv_cache']).strip()} GB for {batch} rows of {seq})")
   days = scaling.train_days(per_token, tokens, chips, hw, _MFU.value)
   print(f"\nAt MFU {_MFU.value:.0%}: {step:.3g} s per step of {batch * seq:,} tokens; "
-        f"{tokens:.3g} tokens take {days:.3g} days "
+        f"{tokens:.3g} tokens take {days:.3g} days ({days * 24:.3g} hours) "
         f"({scaling.pf_days(per_token * tokens):.3g} PF-days).")
   best = scaling.chinchilla_optimal(per_token * tokens)
   print(f"That compute is best spent on {best['rule']['params']:.3g} params x "

@@ -1,9 +1,13 @@
 """Device mesh, logical-axis rules, and shardings for params, optimizer state and batches.
 
 Params carry logical axis names (`nn.with_logical_partitioning`); `RULES` maps each
-name to mesh axes. One jitted program then runs data parallel, FSDP (ZeRO-3: params,
-grads and optimizer state sharded over `fsdp`), tensor parallel, or any mix, chosen
-only by the mesh shape in the config.
+name to the mesh axes `data`, `fsdp`, `tensor`, `expert`. One jitted program then runs
+data parallel, FSDP (ZeRO-3: params, grads and optimizer state sharded over `fsdp`),
+tensor parallel, expert parallel, or any mix, chosen only by the mesh shape in the
+config. GSPMD places everything from the params, the batch and the activations' logical
+constraints (`with_activation_rules`), except the MoE token exchange, which is an
+explicit all-to-all (`llm.layers.moe.to_experts`). Multi-process jobs join through
+`init_distributed`; each process feeds only its own rows of the batch (`shard_batch`).
 """
 
 from __future__ import annotations
