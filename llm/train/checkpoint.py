@@ -29,10 +29,11 @@ log = logging.getLogger(__name__)
 
 
 def manager(workdir: str, keep: int, async_save: bool = True,
-            read_only: bool = False) -> ocp.CheckpointManager:
+            create: bool = True) -> ocp.CheckpointManager:
+  """`create=False` for readers (load, generate): they neither create nor clean up."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only,
-      cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save)
+      max_to_keep=keep, create=create, cleanup_tmp_directories=create,
+      enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=("state", "data"))
 

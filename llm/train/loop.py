@@ -180,6 +180,7 @@ def _save(state, step, batches, mgr, clock, cfg, force=False):
                                            cfg.train.skip_nonfinite)
   if step > 0 and step not in mgr.all_steps():
     ckpt.save(mgr, step, state.checkpoint_items(), batches.state, force=force)
+    safety.fault_point("save", step)
 
 
 def _train_one(step, state, last, batches, make_batch, train_fn, eval_fn, eval_set, mesh, mgr,
@@ -192,6 +193,7 @@ def _train_one(step, state, last, batches, make_batch, train_fn, eval_fn, eval_s
   tcfg = cfg.train
   state, metrics = train_fn(state, parallel.shard_batch(make_batch(next(batches), step), mesh))
   clock["steps"] += 1
+  safety.fault_point("step", step)
   if step % tcfg.log_every == 0 or step == tcfg.steps:
     metrics = {k: to_plain(v) for k, v in jax.device_get(metrics).items()}  # waits for it
     clock["nonfinite"] = safety.check_finite(state.opt_state, step, clock["nonfinite"],
@@ -232,7 +234,7 @@ def load(workdir: str):
   state, shardings = create_state(cfg, mesh)
   if not os.path.isdir(ckpt.checkpoint_dir(workdir)):
     raise ckpt.ConfigError(f"--workdir {workdir} has no checkpoint yet; train into it first")
-  mgr = ckpt.manager(workdir, cfg.train.keep_checkpoints, async_save=False, read_only=True)
+  mgr = ckpt.manager(workdir, cfg.train.keep_checkpoints, async_save=False, create=False)
   if not mgr.all_steps():
     raise ckpt.ConfigError(f"--workdir {workdir} has no checkpoint yet; train into it first")
   abstract = ckpt.abstract_with_shardings(state.checkpoint_items(), shardings.checkpoint_items())
@@ -244,6 +246,8 @@ def load(workdir: str):
 
 def sample_texts(cfg: Config, params, tokenizer, prompts, sampling: SamplingConfig,
                  seed: int = 0) -> list[str]:
+  if not prompts:
+    return []
   module = models.build(cfg.model)
   if cfg.model.family == "decoder" and not sampling.suppress_ids:  # ids it never learned
     sampling = dataclasses.replace(sampling, suppress_ids=untrained_ids(tokenizer))
