@@ -21,6 +21,7 @@ from llm.config import Config
 from llm.inference import SamplingConfig, generate, untrained_ids
 from llm.inference.workdir import continuation_text
 from llm.train import checkpoint as ckpt
+from llm.train import metrics as metrics_lib
 from llm.train.metrics import MetricsWriter, measure_matmul_peak, plot_losses, to_plain
 from llm.train.optimizer import make_optimizer, schedule
 from llm.train import init_from
@@ -97,6 +98,11 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   parallel.check_batch_divisible(dcfg.batch_size, mesh, tcfg.microbatches)
   mgr = ckpt.manager(workdir, tcfg.keep_checkpoints)
   resuming = mgr.latest_step() is not None
+  if resuming and mgr.latest_step() >= tcfg.steps:
+    log.info("already at step %d >= train.steps=%d; raise --config.train.steps to continue",
+             mgr.latest_step(), tcfg.steps)
+    mgr.close()
+    return metrics_lib.latest(workdir)
   initial = _initial_params(cfg, base_params) if base_params is not None and not resuming \
       else None
   state, shardings = create_state(cfg, mesh, initial)
@@ -106,7 +112,9 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
                                             shardings.checkpoint_items())
     items, data_state = ckpt.restore(mgr, abstract)
     state = state.replace_items(items)
-    log.info("resumed from step %d", int(items["step"]))
+    log.info("resumed from step %d of %s", int(items["step"]), workdir)
+  start_step = int(state.step)
+  metrics_lib.keep_records_through(workdir, start_step)
   batches = data_lib.BatchIterator(train_rows, dcfg.batch_size, dcfg.shuffle_seed,
                                    state=data_state, process_index=jax.process_index(),
                                    process_count=jax.process_count())
@@ -117,7 +125,7 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   lr_at = schedule(tcfg)
   flops_per_token = scaling.train_flops_per_token(cfg.model, dcfg.seq_len)
   peak = tcfg.peak_flops or measure_matmul_peak()
-  start_step, last = int(state.step), {}
+  last = {}
   clock = {"start": time.perf_counter(), "steps": 0}
   bar = _progress_bar(start_step, tcfg.steps, progress)
   try:
@@ -197,8 +205,24 @@ def load(workdir: str):
   return cfg, peft.merge(items["params"], items["frozen"]), tokenizer
 
 
+def sample_prompts(cfg: Config) -> list[str]:
+  """The prompts of the end-of-training samples: train.sample_prompts ('|'-separated), else
+  the first words of the first validation documents of the run's data; num_samples of them."""
+  count = cfg.train.num_samples
+  if cfg.train.sample_prompts:
+    return [p for p in cfg.train.sample_prompts.split("|") if p][:count]
+  if not count:
+    return []
+  documents = data_lib.load_documents(cfg.data, cfg.data.eval_split, max_chars=20_000)
+  lines = (next((l for l in doc.splitlines() if len(l.split()) >= 3), "") for doc in documents)
+  starts = [" ".join(line.split()[:3]) for line in lines]  # the first line of prose
+  return [s for s in starts if s][:count]
+
+
 def sample_texts(cfg: Config, params, tokenizer, prompts, sampling: SamplingConfig,
                  seed: int = 0) -> list[str]:
+  if not prompts:
+    return []
   module = models.build(cfg.model)
   if cfg.model.family == "decoder" and not sampling.suppress_ids:  # ids it never learned
     sampling = dataclasses.replace(sampling, suppress_ids=untrained_ids(tokenizer))
