@@ -16,7 +16,7 @@ def start(config_dict):
   absl_logging.set_verbosity(absl_logging.WARNING)
   show_progress_messages()
   parallel.init_distributed()
-  return config_lib.from_configdict(config_dict)
+  return config_lib.check_sampling(config_lib.from_configdict(config_dict))
 
 
 def show_progress_messages():

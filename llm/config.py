@@ -336,9 +336,6 @@ def validate(cfg: Config) -> Config:
   _require(d.mlm_mask_ratio + d.mlm_random_ratio <= 1.0,
            f"config.data.mlm_mask_ratio={d.mlm_mask_ratio} + mlm_random_ratio="
            f"{d.mlm_random_ratio}: must be <= 1 (the rest keep their token)")
-  _require(t.num_samples == 0 or t.sample_tokens < cfg.model.max_len,
-           f"config.train.sample_tokens={t.sample_tokens}: a prompt plus the samples must fit "
-           f"model.max_len={cfg.model.max_len}; lower it")
   from llm.objectives import OBJECTIVES  # the registry imports this module
   _require(d.objective in OBJECTIVES,
            f"config.data.objective={d.objective!r}: must be one of {', '.join(OBJECTIVES)}")
@@ -359,6 +356,16 @@ def validate(cfg: Config) -> Config:
   _require(cfg.parallel.data == -1 or cfg.parallel.data >= 1,
            f"config.parallel.data={cfg.parallel.data}: must be -1 (the devices the other "
            "axes leave) or >= 1")
+  return cfg
+
+
+def check_sampling(cfg: Config) -> Config:
+  """The end-of-training samples fit the context: checked by the entry points that sample,
+  before training starts (a library run never samples)."""
+  t = cfg.train
+  _require(t.num_samples == 0 or t.sample_tokens < cfg.model.max_len,
+           f"config.train.sample_tokens={t.sample_tokens}: a prompt plus the samples must fit "
+           f"model.max_len={cfg.model.max_len}; lower it (or train.num_samples=0)")
   return cfg
 
 

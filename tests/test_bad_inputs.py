@@ -135,7 +135,7 @@ def _one_line_error(capsys, fn, *args) -> str:
 
 def _validate(command_line: str):
   config, _ = _parse(f"--workdir w {command_line}")
-  return config_lib.from_configdict(config.value)
+  return config_lib.check_sampling(config_lib.from_configdict(config.value))  # as start does
 
 
 @pytest.mark.parametrize("command_line, message", OVERRIDES)
