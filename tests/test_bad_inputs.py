@@ -208,10 +208,12 @@ def test_debug_shows_the_traceback(monkeypatch):
 ])
 def test_a_foreign_or_corrupt_workdir_config_is_one_line(content, message, tmp_path, capsys):
   (tmp_path / "config.json").write_bytes(content)
-  assert message in _one_line_error(capsys, ckpt.read_config, str(tmp_path))
+  said = _one_line_error(capsys, ckpt.read_config, str(tmp_path))
+  assert said.startswith(f"--workdir {tmp_path}: {message}"), said
   if b"model" not in content:  # training into it is refused the same way
-    assert message in _one_line_error(capsys, ckpt.write_or_check_config, str(tmp_path),
-                                      config_lib.Config())
+    said = _one_line_error(capsys, ckpt.write_or_check_config, str(tmp_path),
+                           config_lib.Config())
+    assert said.startswith(f"--workdir {tmp_path}: {message}"), said
 
 
 def test_the_mesh_error_counts_right_and_says_how_to_simulate_devices(capsys):

@@ -90,8 +90,9 @@ def read_config(workdir: str) -> config_lib.Config:
   if not os.path.exists(path):
     raise ConfigError(f"--workdir {workdir} has no {CONFIG_FILE}; train into it first "
                       "(python -m experiments.pretrain_clm --workdir ...)")
+  saved = _saved_config(workdir)
   try:
-    return config_lib.from_configdict(_saved_config(workdir))
+    return config_lib.from_configdict(saved)
   except ConfigError as e:
     raise ConfigError(f"--workdir {workdir}: its {CONFIG_FILE} does not fit this version of "
                       f"the code ({e})") from None
