@@ -280,6 +280,14 @@ def test_the_package_installs_llm_experiments_and_configs_with_the_runtime_requi
   assert project["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.txt"]
 
 
+def test_the_bad_input_table_lists_every_case_here():
+  with open(os.path.join(ROOT, "docs", "bad_inputs.md"), encoding="utf-8") as f:
+    table = f.read()
+  for given, said, test in table_rows():
+    assert f"| {given} | {said.replace('|', '&#124;')} | `tests/test_bad_inputs.py::{test}` |" \
+        in table, given
+
+
 def table_rows():
   """(input, message, test) for docs/bad_inputs.md, from running each case."""
   import io
@@ -297,6 +305,6 @@ def table_rows():
   return rows
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the table's rows for the cases above
   for given, said, test in table_rows():
     print(f"| {given} | {said.replace('|', '&#124;')} | `tests/test_bad_inputs.py::{test}` |")
