@@ -16,6 +16,7 @@ Overrides are applied here rather than by ml_collections' config_flags, whose mi
 from __future__ import annotations
 
 import difflib
+import errno
 import functools
 import importlib.util
 import os
@@ -42,21 +43,29 @@ class ConfigFlag:
 
 
 def one_line_errors(fn):
-  """Bad input (ValueError, OSError, flag errors) becomes `error: ...` and exit status 2."""
+  """Bad input (ValueError, OSError, flag errors) becomes `error: ...` and exit status 2;
+  a diverged run or a full disk exits 1, a preempted run safety.PREEMPTED_EXIT_CODE."""
+  from llm.train import safety
+
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     try:
       return fn(*args, **kwargs)
-    except (ValueError, OSError, flags.Error) as e:
+    except safety.Preempted as e:
+      print(f"stopped: {e}", file=sys.stderr)
+      sys.exit(safety.PREEMPTED_EXIT_CODE)
+    except (ValueError, OSError, flags.Error, safety.NonFiniteError) as e:
       if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
         raise
+      failed_run = isinstance(e, safety.NonFiniteError) or (
+          isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
       message = re.sub(_NEWLINES, " ", str(e).strip())
       if isinstance(e, flags.Error):
         required = re.search(r"Flag (--\w+) must have a value other than None", message)
         message = f"{required.group(1)} is required" if required else message
         message += "; see --help"
       print(f"error: {message}", file=sys.stderr)
-      sys.exit(2)
+      sys.exit(1 if failed_run else 2)
   return wrapped
 
 

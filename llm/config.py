@@ -154,6 +154,11 @@ class TrainConfig:
   # Regex over param paths ("layers/attn/query/kernel") selecting the trainable params;
   # "" = what model.peft.method trains (full: all; lora: lora_a/b; prompt: soft_prompt; ...).
   trainable: str = ""
+  # A step whose loss or gradient is not finite is never applied; False stops the run
+  # there (before anything is saved), True skips it and goes on (counted in metrics).
+  skip_nonfinite: bool = False
+  # Resume even though steps / batch / sequence length / data changed since the checkpoint.
+  allow_config_change: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -211,8 +211,8 @@ def test_a_foreign_or_corrupt_workdir_config_is_one_line(content, message, tmp_p
   said = _one_line_error(capsys, ckpt.read_config, str(tmp_path))
   assert said.startswith(f"--workdir {tmp_path}: {message}"), said
   if b"model" not in content:  # training into it is refused the same way
-    said = _one_line_error(capsys, ckpt.write_or_check_config, str(tmp_path),
-                           config_lib.Config())
+    said = _one_line_error(capsys, ckpt.check_config, str(tmp_path), config_lib.Config(),
+                           False)
     assert said.startswith(f"--workdir {tmp_path}: {message}"), said
 
 

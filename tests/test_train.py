@@ -158,8 +158,9 @@ def test_a_rerun_says_where_it_resumed_and_logs_replayed_steps_once(uninterrupte
     last = loop.run(make_config(), workdir, progress=False)
   finally:
     logging.getLogger("llm").removeHandler(handler)
-  assert records[1] == ("already at step 6 >= train.steps=6; raise --config.train.steps to "
-                        "continue")
+  assert records[1:] == ["already at step 6 >= train.steps=6; to train on, raise "
+                         "--config.train.steps and pass --config.train.allow_config_change=True"
+                         " (the schedule then changes)"]
   assert last["step"] == 6 and last["train_loss"] == _losses(workdir)[6]
   assert last["eval_loss"] == metrics_lib.read_metrics(workdir)[-1]["eval_loss"]
 
