@@ -49,11 +49,13 @@ OVERRIDES = [
     ("--config.model.relative_buckets=2", "config.model.relative_buckets=2: must be >= 4"),
     ("--config.model.moe.every=0", "config.model.moe.every=0: must be >= 1"),
     ("--config.model.moe.capacity_factor=0", "config.model.moe.capacity_factor=0.0: must be > 0"),
-    ("--config.model.moe.aux_loss_weight=-1", "config.model.moe.aux_loss_weight=-1.0: must be >= 0"),
+    ("--config.model.moe.aux_loss_weight=-1",
+     "config.model.moe.aux_loss_weight=-1.0: must be >= 0"),
     ("--config.model.moe.num_experts=4 --config.model.moe.top_k=8",
      "config.model.moe.top_k=8: must be in [1, num_experts=4]"),
     ("--config.model.peft.lora_rank=0", "config.model.peft.lora_rank=0: must be >= 1"),
-    ("--config.model.peft.lora_dropout=1.5", "config.model.peft.lora_dropout=1.5: must be in [0, 1)"),
+    ("--config.model.peft.lora_dropout=1.5",
+     "config.model.peft.lora_dropout=1.5: must be in [0, 1)"),
     ("--config.model.peft.lora_targets=(", "config.model.peft.lora_targets='(': not a regex"),
     ("--config.data.seq_len=1", "config.data.seq_len=1: must be >= 2"),
     ("--config.data.seq_len=4096", "config.data.seq_len=4096 exceeds config.model.max_len=256"),
@@ -298,8 +300,8 @@ def table_rows():
     with redirect_stderr(err), pytest.raises(SystemExit):
       cli.one_line_errors(fn)(*args)
     return err.getvalue().strip()[len("error: "):]
-  rows = [(f"`{line}`", message(_validate, line), "test_a_bad_override_is_one_line_naming_the_field")
-          for line, _ in OVERRIDES]
+  rows = [(f"`{line}`", message(_validate, line),
+           "test_a_bad_override_is_one_line_naming_the_field") for line, _ in OVERRIDES]
   rows += [(f"`{line}`", message(_parse, line), "test_a_bad_command_line_is_one_line")
            for line, _ in COMMAND_LINES]
   return rows
