@@ -21,6 +21,7 @@ from llm.config import Config
 from llm.inference import SamplingConfig, generate, untrained_ids
 from llm.inference.workdir import continuation_text
 from llm.train import checkpoint as ckpt
+from llm.train import metrics as metrics_lib
 from llm.train.metrics import MetricsWriter, measure_matmul_peak, plot_losses, to_plain
 from llm.train.optimizer import make_optimizer, schedule
 from llm.train import init_from, safety
@@ -130,7 +131,15 @@ def _run(cfg, workdir, base_params, lock, preemption, progress):
                                             shardings.checkpoint_items())
     items, data_state, _ = ckpt.restore_latest(mgr, abstract, quarantine=workdir)
     state = state.replace_items(items)
-    log.info("resumed from step %d", int(items["step"]))
+  if int(state.step) >= tcfg.steps:
+    mgr.close()
+    log.info("already at step %d >= train.steps=%d; to train on, raise --config.train.steps "
+             "and pass --config.train.allow_config_change=True (the schedule then changes)",
+             int(state.step), tcfg.steps)
+    return metrics_lib.latest(workdir)
+  if resuming:
+    log.info("resumed from step %d of %s", int(state.step), workdir)
+  metrics_lib.keep_records_through(workdir, int(state.step))
   batches = data_lib.BatchIterator(train_rows, dcfg.batch_size, dcfg.shuffle_seed,
                                    state=data_state, process_index=jax.process_index(),
                                    process_count=jax.process_count())
@@ -242,6 +251,20 @@ def load(workdir: str):
   mgr.close()
   tokenizer = data_lib.get_tokenizer(cfg.data, cfg.model.vocab_size, workdir)
   return cfg, peft.merge(items["params"], items["frozen"]), tokenizer
+
+
+def sample_prompts(cfg: Config) -> list[str]:
+  """The prompts of the end-of-training samples: train.sample_prompts ('|'-separated), else
+  the first words of the first validation documents of the run's data; num_samples of them."""
+  count = cfg.train.num_samples
+  if cfg.train.sample_prompts:
+    return [p for p in cfg.train.sample_prompts.split("|") if p][:count]
+  if not count:
+    return []
+  documents = data_lib.load_documents(cfg.data, cfg.data.eval_split, max_chars=20_000)
+  lines = (next((l for l in doc.splitlines() if len(l.split()) >= 3), "") for doc in documents)
+  starts = [" ".join(line.split()[:3]) for line in lines]  # the first line of prose
+  return [s for s in starts if s][:count]
 
 
 def sample_texts(cfg: Config, params, tokenizer, prompts, sampling: SamplingConfig,
