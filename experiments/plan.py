@@ -11,15 +11,14 @@ Nothing is allocated or compiled: parameter counts and memory come from `llm.sca
 
 import math
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments.common import one_line_errors
+from experiments import cli
 from llm import config as config_lib
 from llm import scaling
 from llm.config import ParallelConfig
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/gpt.py:gpt2", "Experiment config.")
+_CONFIG = cli.ConfigFlag("configs/gpt.py:gpt2")
 _CHIPS = flags.DEFINE_integer("chips", 8, "Number of chips.")
 _CHIP = flags.DEFINE_string("chip", "v5p", f"One of {', '.join(scaling.CHIPS)}.")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Assumed model FLOPs utilisation.")
@@ -45,7 +44,7 @@ def _gb(x: float) -> str:
   return f"{x / 1e9:8.3g}"
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   cfg = config_lib.from_configdict(_CONFIG.value)
@@ -96,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _CONFIG)

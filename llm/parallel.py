@@ -31,8 +31,8 @@ BATCH_AXES = ("data", "fsdp", "expert")
 # Logical name -> mesh axes. Params shard their `embed` dim over fsdp (ZeRO-3), their
 # head / mlp / vocab dims over tensor and their `expert` dim over expert; activations
 # (act_*) shard the batch over data x fsdp x expert, and inside a MoE layer the
-# dispatched (row, expert, slot) tensors put the experts on the expert axis instead,
-# which is where GSPMD inserts the all-to-all that sends tokens to their experts.
+# dispatched (row, expert, slot) tensors put the experts on the expert axis instead
+# (they get there by the all-to-all of `llm.layers.moe.to_experts`).
 RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -55,18 +55,27 @@ RULES: tuple[tuple[str, Any], ...] = (
 
 def mesh_shape(pcfg: ParallelConfig, num_devices: int) -> tuple[int, ...]:
   """Axis sizes in MESH_AXES order; the one axis set to -1 takes the devices left over."""
-  sizes = [getattr(pcfg, axis) for axis in MESH_AXES]
-  named = " ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ConfigError(f"config.parallel {named}: each size must be > 0, and at most one -1")
-  fixed = int(np.prod([s for s in sizes if s != -1]))
-  if -1 in sizes:
-    sizes[sizes.index(-1)] = max(num_devices // fixed, 1)
-  if int(np.prod(sizes)) != num_devices:
+  sizes = {axis: getattr(pcfg, axis) for axis in MESH_AXES}
+  # Messages name the expert axis only when it is used, so dense meshes read as before.
+  shown = [a for a in MESH_AXES if a != "expert" or sizes[a] != 1]
+  named = " ".join(f"{a}={sizes[a]}" for a in shown)
+  if list(sizes.values()).count(-1) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
+    raise ConfigError(f"config.parallel {named}: each size must be >= 1, and at most one -1")
+  rest = next((a for a in MESH_AXES if sizes[a] == -1), None)
+  fixed = int(np.prod([s for s in sizes.values() if s != -1]))
+  if rest is not None:
+    sizes[rest] = num_devices // fixed
+  total = int(np.prod(list(sizes.values())))
+  if sizes.get(rest, 1) < 1 or total != num_devices:
+    others = " x ".join(a for a in shown if a != rest)
+    need = (f"{' x '.join(shown)} = {total} devices" if rest is None else
+            f"a multiple of {others} = {fixed} devices ({rest}=-1 takes the rest)")
     raise ConfigError(
-        f"config.parallel {named} needs {int(np.prod(sizes))} devices but {num_devices} are "
-        "present; make the product of the axis sizes match (or set one axis to -1)")
-  return tuple(sizes)
+        f"config.parallel {named} needs {need}, but {num_devices} "
+        f"{'is' if num_devices == 1 else 'are'} present; change them to fit, or on one CPU "
+        "machine simulate the devices with "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={max(total, fixed)}")
+  return tuple(sizes.values())
 
 
 def make_mesh(pcfg: ParallelConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:

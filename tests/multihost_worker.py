@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 
-from experiments.common import one_line_errors
+from experiments.cli import one_line_errors
 from llm import parallel
 
 

@@ -29,10 +29,11 @@ log = logging.getLogger(__name__)
 
 
 def manager(workdir: str, keep: int, async_save: bool = True,
-            read_only: bool = False) -> ocp.CheckpointManager:
+            create: bool = True) -> ocp.CheckpointManager:
+  """`create=False` for readers (load, generate): they neither create nor clean up."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only,
-      cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save)
+      max_to_keep=keep, create=create, cleanup_tmp_directories=create,
+      enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=("state", "data"))
 
@@ -167,5 +168,25 @@ def read_config(workdir: str) -> config_lib.Config:
   if not os.path.exists(path):
     raise ConfigError(f"--workdir {workdir} has no {CONFIG_FILE}; train into it first "
                       "(python -m experiments.pretrain_clm --workdir ...)")
-  with open(path) as f:
-    return config_lib.from_json(f.read())
+  saved = _saved_config(workdir)
+  try:
+    return config_lib.from_configdict(saved)
+  except ConfigError as e:
+    raise ConfigError(f"--workdir {workdir}: its {CONFIG_FILE} does not fit this version of "
+                      f"the code ({e})") from None
+
+
+def _saved_config(workdir: str) -> dict:
+  """The workdir's config.json as a dict; a one-line error when it is not one we wrote."""
+  try:
+    with open(os.path.join(workdir, CONFIG_FILE), encoding="utf-8") as f:
+      saved = json.load(f)
+    ours = isinstance(saved, dict) and isinstance(saved["model"] if "model" in saved else 0, dict)
+    why = "" if ours else "no model section"
+  except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+    why = str(e)
+  if why:
+    raise ConfigError(f"--workdir {workdir}: its {CONFIG_FILE} is not a training config "
+                      f"({why[:120]}); use a new --workdir (a Hugging Face checkpoint "
+                      "directory goes in --config.train.init_from)")
+  return saved

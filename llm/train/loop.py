@@ -21,6 +21,7 @@ from llm.config import Config
 from llm.inference import SamplingConfig, generate, untrained_ids
 from llm.inference.workdir import continuation_text
 from llm.train import checkpoint as ckpt
+from llm.train import metrics as metrics_lib
 from llm.train.metrics import MetricsWriter, measure_matmul_peak, plot_losses, to_plain
 from llm.train.optimizer import make_optimizer, schedule
 from llm.train import init_from, safety
@@ -142,7 +143,15 @@ def _run(cfg, workdir, base_params, lock, preemption, progress):
                                             shardings.checkpoint_items())
     items, data_state, _ = ckpt.restore_latest(mgr, abstract, quarantine=workdir)
     state = state.replace_items(items)
-    log.info("resumed from step %d", int(items["step"]))
+  if int(state.step) >= tcfg.steps:
+    mgr.close()
+    log.info("already at step %d >= train.steps=%d; to train on, raise --config.train.steps "
+             "and pass --config.train.allow_config_change=True (the schedule then changes)",
+             int(state.step), tcfg.steps)
+    return metrics_lib.latest(workdir)
+  if resuming:
+    log.info("resumed from step %d of %s", int(state.step), workdir)
+  metrics_lib.keep_records_through(workdir, int(state.step))
   batches = data_lib.BatchIterator(train_rows, dcfg.batch_size, dcfg.shuffle_seed,
                                    state=data_state, process_index=jax.process_index(),
                                    process_count=jax.process_count())
@@ -192,6 +201,7 @@ def _save(state, step, batches, mgr, clock, cfg, force=False):
                                            cfg.train.skip_nonfinite)
   if step > 0 and step not in mgr.all_steps():
     ckpt.save(mgr, step, state.checkpoint_items(), batches.state, force=force)
+    safety.fault_point("save", step)
 
 
 def _train_one(step, state, last, batches, make_batch, train_fn, eval_fn, eval_set, mesh, mgr,
@@ -204,6 +214,7 @@ def _train_one(step, state, last, batches, make_batch, train_fn, eval_fn, eval_s
   tcfg = cfg.train
   state, metrics = train_fn(state, parallel.shard_batch(make_batch(next(batches), step), mesh))
   clock["steps"] += 1
+  safety.fault_point("step", step)
   if step % tcfg.log_every == 0 or step == tcfg.steps:
     metrics = {k: to_plain(v) for k, v in jax.device_get(metrics).items()}  # waits for it
     clock["nonfinite"] = safety.check_finite(state.opt_state, step, clock["nonfinite"],
@@ -244,7 +255,7 @@ def load(workdir: str):
   state, shardings = create_state(cfg, mesh)
   if not os.path.isdir(ckpt.checkpoint_dir(workdir)):
     raise ckpt.ConfigError(f"--workdir {workdir} has no checkpoint yet; train into it first")
-  mgr = ckpt.manager(workdir, cfg.train.keep_checkpoints, async_save=False, read_only=True)
+  mgr = ckpt.manager(workdir, cfg.train.keep_checkpoints, async_save=False, create=False)
   if not mgr.all_steps():
     raise ckpt.ConfigError(f"--workdir {workdir} has no checkpoint yet; train into it first")
   abstract = ckpt.abstract_with_shardings(state.checkpoint_items(), shardings.checkpoint_items())
@@ -254,8 +265,24 @@ def load(workdir: str):
   return cfg, peft.merge(items["params"], items["frozen"]), tokenizer
 
 
+def sample_prompts(cfg: Config) -> list[str]:
+  """The prompts of the end-of-training samples: train.sample_prompts ('|'-separated), else
+  the first words of the first validation documents of the run's data; num_samples of them."""
+  count = cfg.train.num_samples
+  if cfg.train.sample_prompts:
+    return [p for p in cfg.train.sample_prompts.split("|") if p][:count]
+  if not count:
+    return []
+  documents = data_lib.load_documents(cfg.data, cfg.data.eval_split, max_chars=20_000)
+  lines = (next((l for l in doc.splitlines() if len(l.split()) >= 3), "") for doc in documents)
+  starts = [" ".join(line.split()[:3]) for line in lines]  # the first line of prose
+  return [s for s in starts if s][:count]
+
+
 def sample_texts(cfg: Config, params, tokenizer, prompts, sampling: SamplingConfig,
                  seed: int = 0) -> list[str]:
+  if not prompts:
+    return []
   module = models.build(cfg.model)
   if cfg.model.family == "decoder" and not sampling.suppress_ids:  # ids it never learned
     sampling = dataclasses.replace(sampling, suppress_ids=untrained_ids(tokenizer))

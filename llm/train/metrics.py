@@ -56,6 +56,36 @@ def read_metrics(workdir: str) -> list[dict]:
   return records
 
 
+def keep_records_through(workdir: str, step: int) -> None:
+  """Drops the records of steps after `step`: a resumed run replays the steps after its
+  checkpoint, which an interrupted run may already have logged."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill is dropped
+      pass
+  if len(kept) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def latest(workdir: str) -> dict:
+  """The newest value of every metric in metrics.jsonl (train and eval records merged)."""
+  merged: dict = {}
+  for record in read_metrics(workdir):
+    merged.update(record)
+  return merged
+
+
 def plot_losses(workdir: str, out_name: str = "loss.png") -> str | None:
   """Writes the train/eval loss curves of metrics.jsonl to a PNG; returns its path."""
   records = read_metrics(workdir)

@@ -29,6 +29,18 @@ import optax
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later", as a scheduler should read it
 
 
+FAULT_ENV = "LLM_FAULT"  # tests only: "kill:POINT@STEP" or "term:POINT@STEP"
+
+
+def fault_point(point: str, step: int) -> None:
+  """Sends this process SIGKILL or SIGTERM at a named point when LLM_FAULT asks, so kill
+  tests hit exact moments: after a step ("step"), or right after an async save was
+  dispatched, i.e. while it is being written ("save")."""
+  signame, _, where = os.environ.get(FAULT_ENV, "").partition(":")
+  if where == f"{point}@{step}":
+    os.kill(os.getpid(), {"kill": signal.SIGKILL, "term": signal.SIGTERM}[signame])
+
+
 class Preempted(Exception):
   """The run stopped at a signal after saving `step`; rerunning resumes there."""
 
