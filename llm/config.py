@@ -165,7 +165,7 @@ class TrainConfig:
 class ParallelConfig:
   """Mesh axis sizes; one may be -1: the devices the other axes leave."""
 
-  data: int = -1
+  data: int = -1  # devices the batch is split over (-1: those the other axes leave)
   fsdp: int = 1  # devices params, gradients and optimizer state are sharded over (ZeRO-3)
   tensor: int = 1  # devices heads / MLP / vocabulary are split over
   expert: int = 1  # devices MoE experts are split over (the batch too, outside the experts)
