@@ -198,8 +198,8 @@ def check_fits_mesh(cfg, mesh: Mesh) -> None:
                       f"config.parallel.expert={expert}; pick an expert size that divides it")
 
 
-_ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
-        "process_id": "JAX_PROCESS_ID"}
+DISTRIBUTED_ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS",
+                   "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
 # Launchers jax.distributed finds the coordinator under by itself, by their process count.
 _LAUNCHERS = {"SLURM_NTASKS": "SLURM", "OMPI_COMM_WORLD_SIZE": "Open MPI",
               "TPU_WORKER_ID": "a TPU pod slice"}
@@ -220,14 +220,14 @@ def distributed_args(coordinator_address: str | None = None, num_processes: int 
            "process_id": process_id}
   args = {}
   for key, flag in flags.items():
-    value = env.get(_ENV[key]) or None
+    value = env.get(DISTRIBUTED_ENV[key]) or None
     if value is not None and key != "coordinator_address":
       if not value.lstrip("-").isdigit():
-        raise ConfigError(f"{_ENV[key]}={value!r}: expected an integer")
+        raise ConfigError(f"{DISTRIBUTED_ENV[key]}={value!r}: expected an integer")
       value = int(value)
     if flag is not None and value is not None and flag != value:
-      raise ConfigError(f"--{key}={flag} but {_ENV[key]}={value}: the launch is inconsistent; "
-                        f"drop one of them")
+      raise ConfigError(f"--{key}={flag} but {DISTRIBUTED_ENV[key]}={value}: the launch is "
+                        "inconsistent; drop one of them")
     args[key] = flag if flag is not None else value
   launcher = next((name for var, name in _LAUNCHERS.items() if var in env), None)
   launched = {"SLURM_NTASKS": env.get("SLURM_NTASKS"),
@@ -241,7 +241,7 @@ def distributed_args(coordinator_address: str | None = None, num_processes: int 
       raise ConfigError(f"--num_processes={n} but {_LAUNCHERS[var]} started {count} "
                         f"processes ({var}); make them agree")
   if not launcher and (n is None or i is None or args["coordinator_address"] is None):
-    missing = [f"--{k} ({_ENV[k]})" for k, v in args.items() if v is None]
+    missing = [f"--{k} ({DISTRIBUTED_ENV[k]})" for k, v in args.items() if v is None]
     raise ConfigError(f"a multi-process launch needs {', '.join(missing)} as well; set all "
                       "three on every process, or launch under SLURM / Open MPI / a TPU pod")
   if n is not None and n < 1:

@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 
 def _launch(workdir, devices, extra_env=None, *args):
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k == "JAX_PLATFORMS"}
+  env = {k: v for k, v in os.environ.items() if k not in parallel.DISTRIBUTED_ENV.values()}
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **(extra_env or {}))
   return subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(workdir), *args],
