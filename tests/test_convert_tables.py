@@ -280,3 +280,11 @@ def test_sharded_safetensors_inside_the_directory_load(gpt2, tmp_path):
   os.remove(tmp_path / sorted(p for p in os.listdir(tmp_path) if p.endswith("safetensors"))[0])
   with pytest.raises(ConversionError, match=r"names shard '.*', which is missing"):
     load_pretrained(tmp_path)
+  with open(tmp_path / "model.safetensors.index.json", "w") as f:
+    f.write("{not json")
+  with pytest.raises(ConversionError, match=r"model.safetensors.index.json is not a "
+                     r"checkpoint index \(a JSON object with a weight_map"):
+    load_pretrained(tmp_path)
+  with pytest.raises(ConversionError, match=r"has no config.json: not a Hugging Face "
+                     r"checkpoint directory"):
+    load_pretrained(tmp_path / "elsewhere")

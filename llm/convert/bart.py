@@ -40,10 +40,9 @@ _ACT_TO_HF = {"gelu_exact": "gelu", "gelu": "gelu_new", "relu": "relu"}
 FIELDS = t.Fields(
     fixed={"family": "encoder_decoder", "positions": "learned",
            "position_offset": POSITION_OFFSET, "norm": "layernorm", "norm_eps": NORM_EPS,
-           "post_norm": True, "embed_norm": True, "use_bias": True, "scale_attention": True,
-           **t.DENSE},
+           "post_norm": True, "embed_norm": True, "use_bias": True, "scale_attention": True},
     allowed={"activation": tuple(_ACT_TO_HF)},
-    rules=(t.NO_GQA, t.HEAD_DIM),
+    rules=(t.DENSE, t.NO_GQA, t.HEAD_DIM),
     carried=("vocab_size", "d_model", "num_layers", "num_decoder_layers", "num_heads", "d_ff",
              "max_len", "tie_embeddings"),
     # The EncoderDecoder has no token-type embeddings.

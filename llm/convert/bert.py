@@ -52,9 +52,9 @@ def _fields(roberta: bool) -> t.Fields:
   return t.Fields(
       fixed={"family": "encoder", "positions": "learned", "norm": "layernorm",
              "post_norm": True, "embed_norm": True, "use_bias": True, "scale_attention": True,
-             **({} if roberta else {"position_offset": 0}), **t.DENSE},
+             **({} if roberta else {"position_offset": 0})},
       allowed={"activation": tuple(_ACT_TO_HF)},
-      rules=(t.NO_GQA, t.HEAD_DIM,
+      rules=(t.DENSE, t.NO_GQA, t.HEAD_DIM,
              t.Rule("type_vocab_size", lambda c: c.type_vocab_size >= 1,
                     ">= 1 (BERT-style embeddings always add a token-type row)"),
              *(offset if roberta else ())),

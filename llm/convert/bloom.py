@@ -39,9 +39,8 @@ DEFAULT_MAX_LEN = 2048  # BLOOM's training context, used when the config has no 
 
 FIELDS = t.Fields(
     fixed={"family": "decoder", "positions": "alibi", "embed_norm": True, "norm": "layernorm",
-           "use_bias": True, "activation": "gelu", "post_norm": False, "scale_attention": True,
-           **t.DENSE},
-    rules=(t.NO_GQA, t.HEAD_DIM,
+           "use_bias": True, "activation": "gelu", "post_norm": False, "scale_attention": True},
+    rules=(t.DENSE, t.NO_GQA, t.HEAD_DIM,
            t.Rule("d_ff", lambda c: c.d_ff == 4 * c.d_model, "4 * d_model")),
     carried=("vocab_size", "d_model", "num_layers", "num_heads", "max_len", "norm_eps",
              "tie_embeddings"),

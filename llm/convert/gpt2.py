@@ -23,9 +23,9 @@ _ACT_TO_HF = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu"}
 
 FIELDS = t.Fields(
     fixed={"family": "decoder", "positions": "learned", "norm": "layernorm", "use_bias": True,
-           "post_norm": False, "embed_norm": False, "scale_attention": True, **t.DENSE},
+           "post_norm": False, "embed_norm": False, "scale_attention": True},
     allowed={"activation": tuple(_ACT_TO_HF)},
-    rules=(t.NO_GQA, t.HEAD_DIM),
+    rules=(t.DENSE, t.NO_GQA, t.HEAD_DIM),
     carried=("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len",
              "norm_eps", "tie_embeddings"),
     # A decoder reads neither position_offset nor type_vocab_size.

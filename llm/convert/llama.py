@@ -21,11 +21,11 @@ _ACT_TO_HF = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
 
 FIELDS = t.Fields(
     fixed={"family": "decoder", "positions": "rope", "norm": "rmsnorm", "post_norm": False,
-           "embed_norm": False, "scale_attention": True, **t.DENSE},
+           "embed_norm": False, "scale_attention": True},
     allowed={"activation": tuple(_ACT_TO_HF)},
-    # LlamaConfig rejects such configs even though head_dim would make them well defined.
-    rules=(t.Rule("d_model", lambda c: c.d_model % c.num_heads == 0,
-                  "a multiple of num_heads (LlamaConfig requires it)"),),
+    # LlamaConfig rejects such d_model even though head_dim would make it well defined.
+    rules=(t.DENSE, t.Rule("d_model", lambda c: c.d_model % c.num_heads == 0,
+                           "a multiple of num_heads (LlamaConfig requires it)")),
     carried=("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
              "d_ff", "max_len", "rope_theta", "norm_eps", "use_bias", "tie_embeddings"),
     unused=("num_decoder_layers", "type_vocab_size", "position_offset", "relative_buckets",

@@ -51,9 +51,9 @@ _ACT_TO_HF = {"relu": "relu", "gelu_exact": "gelu", "gelu": "gelu_new", "geglu":
 FIELDS = t.Fields(
     fixed={"family": "encoder_decoder", "positions": "relative", "norm": "rmsnorm",
            "post_norm": False, "embed_norm": False, "use_bias": False,
-           "scale_attention": False, **t.DENSE},
+           "scale_attention": False},
     allowed={"activation": tuple(_ACT_TO_HF)},
-    rules=(t.NO_GQA,),
+    rules=(t.DENSE, t.NO_GQA),
     carried=("vocab_size", "d_model", "num_layers", "num_decoder_layers", "num_heads",
              "head_dim", "d_ff", "relative_buckets", "relative_max_distance", "norm_eps",
              "tie_embeddings"),

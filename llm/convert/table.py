@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from llm.config import ModelConfig, MoEConfig, PeftConfig, validate_model
-from llm.convert.common import ConversionError, Params, State, StateReader, require
+from llm.convert.common import Params, State, StateReader, require
 
 
 # --- config fields ---
@@ -60,8 +60,9 @@ COMMON_RULES = (Rule("peft.method", lambda c: c.peft.method in ("full", "bitfit"
                      "'full' or 'bitfit': merge LoRA into the weights first "
                      "(llm.peft.lora.merge); prompt and adapter params have no transformers "
                      "counterpart"),)
-# A dense family fixes moe.num_experts=0, which leaves the other MoE knobs without effect.
-DENSE = {"moe.num_experts": 0}
+# A dense family needs moe.num_experts=0, which leaves the other MoE knobs without effect.
+DENSE = Rule("moe.num_experts", lambda c: c.moe.num_experts == 0,
+             "0: a dense family (mixture-of-experts models export as mixtral)")
 MOE_KNOBS = tuple(f"moe.{f.name}" for f in dataclasses.fields(MoEConfig)
                   if f.name != "num_experts")
 NO_GQA = Rule("num_kv_heads", lambda c: c.kv_heads == c.num_heads, "0 or num_heads: no GQA")
@@ -339,9 +340,3 @@ def _unstack_layers(tree: Any) -> Any:
       out[key] = _unstack_layers(value)
   return out
 
-
-__all__ = ["COMMON_RULES", "COMMON_UNUSED", "ConversionError", "DENSE", "Entry", "Fields",
-           "HEAD_DIM", "MOE_KNOBS", "NO_GQA", "Rule", "Tensor", "Tied", "build_config",
-           "check", "embedding_and_head", "field_value", "left_out", "linear",
-           "model_fields", "norm", "params_from_hf", "params_to_hf", "per_layer", "problems",
-           "same", "table_errors", "transposed", "under", "with_fields"]
