@@ -151,6 +151,9 @@ class TrainConfig:
   # Start from a pretraining workdir or a Hugging Face checkpoint directory instead of
   # random init; the model config then comes from there (peft and dropout from this run).
   init_from: str = ""
+  # A Hugging Face init_from directory holding only PyTorch pickles (pytorch_model.bin) is
+  # refused, since unpickling can run code; True reads them (only for sources you trust).
+  init_from_pickle: bool = False
   # Regex over param paths ("layers/attn/query/kernel") selecting the trainable params;
   # "" = what model.peft.method trains (full: all; lora: lora_a/b; prompt: soft_prompt; ...).
   trainable: str = ""

@@ -101,7 +101,8 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   """
   base_params = None
   if cfg.train.init_from:
-    base_cfg, base_params, tokenizer_file = init_from.pretrained(cfg.train.init_from)
+    base_cfg, base_params, tokenizer_file = init_from.pretrained(cfg.train.init_from,
+                                                                 cfg.train.init_from_pickle)
     cfg = init_from.resolve(cfg, base_cfg, tokenizer_file)
   ckpt.check_writable(workdir)
   lock = safety.WorkdirLock(workdir)
