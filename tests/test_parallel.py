@@ -170,8 +170,10 @@ def _one_line_error(match, fn, *args):
 
 def test_bad_meshes_fail_in_one_line_before_compiling():
   P = config_lib.ParallelConfig
-  _one_line_error("config.parallel data=3 fsdp=1 tensor=1 expert=1 needs 3 devices but 8",
-                  parallel.make_mesh, P(data=3))
+  _one_line_error("config.parallel data=3 fsdp=1 tensor=1 needs data x fsdp x tensor = 3 "
+                  "devices, but 8 are present", parallel.make_mesh, P(data=3))
+  _one_line_error("data=1 fsdp=2 tensor=1 expert=2 needs data x fsdp x tensor x expert = 4 "
+                  "devices", parallel.make_mesh, P(data=1, fsdp=2, expert=2))
   _one_line_error("only one axis may be -1", config_lib.from_configdict,
                   {"parallel": dict(data=-1, fsdp=-1)})
   assert parallel.make_mesh(P(data=2, fsdp=-1)).shape["fsdp"] == 4
