@@ -149,6 +149,7 @@ class TrainConfig:
   # Regex over param paths ("layers/attn/query/kernel") selecting the trainable params;
   # "" = what model.peft.method trains (full: all; lora: lora_a/b; prompt: soft_prompt; ...).
   trainable: str = ""
+  tensorboard: bool = False  # also write WORKDIR/tensorboard/ event files (tensorboardX)
 
 
 @dataclasses.dataclass(frozen=True)
