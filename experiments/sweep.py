@@ -42,7 +42,12 @@ def main(argv):
   definition = runner.prepare(config_spec, _CONFIG.value, trials, _WORKDIR.value, overrides,
                               _ENTRY.value)
   print(f"sweep {config_spec}: {len(definition['trials'])} trials validated", flush=True)
-  states = runner.launch(_WORKDIR.value, _STORAGE.value, _WORKERS.value, _RETRY.value)
+  try:
+    states = runner.launch(_WORKDIR.value, _STORAGE.value, _WORKERS.value, _RETRY.value)
+  except KeyboardInterrupt:
+    print("interrupted: running trials saved their checkpoints; rerun the same command "
+          "to resume", file=sys.stderr)
+    sys.exit(130)
   written = report.write(_WORKDIR.value)
   print(written["markdown"])
   counts = {s: list(states.values()).count(s) for s in dict.fromkeys(states.values())}
