@@ -162,6 +162,7 @@ class TrainConfig:
   skip_nonfinite: bool = False
   # Resume even though steps / batch / sequence length / data changed since the checkpoint.
   allow_config_change: bool = False
+  tensorboard: bool = False  # also write WORKDIR/tensorboard/ event files (tensorboardX)
 
 
 @dataclasses.dataclass(frozen=True)

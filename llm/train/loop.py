@@ -159,7 +159,7 @@ def _run(cfg, workdir, base_params, lock, preemption, progress):
   eval_set = objective.eval_set(cfg, tokenizer, eval_rows)
   train_fn, eval_fn = compiled_steps(shardings, mesh)
 
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, tcfg.tensorboard)
   lr_at = schedule(tcfg)
   flops_per_token = scaling.train_flops_per_token(cfg.model, dcfg.seq_len)
   peak = tcfg.peak_flops or measure_matmul_peak()
@@ -183,6 +183,7 @@ def _run(cfg, workdir, base_params, lock, preemption, progress):
         bar.set_postfix(loss=f"{last['train_loss']:.3f}")
   finally:  # a failing run still completes its in-flight save: the last checkpoint is whole
     bar.close()
+    writer.close()
     try:
       ckpt.wait(mgr)
     finally:
