@@ -107,7 +107,7 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
     items, data_state = ckpt.restore(mgr, abstract)
     state = state.replace_items(items)
     log.info("resumed from step %d", int(items["step"]))
-  batches = data_lib.BatchIterator(train_rows, dcfg.batch_size, dcfg.shuffle_seed,
+  batches = data_lib.train_batches(train_rows, dcfg.batch_size, dcfg.shuffle_seed,
                                    state=data_state, process_index=jax.process_index(),
                                    process_count=jax.process_count())
   eval_set = objective.eval_set(cfg, tokenizer, eval_rows)
@@ -159,7 +159,7 @@ def _train_one(step, state, last, batches, make_batch, train_fn, eval_fn, eval_s
     last = {"step": step, **metrics, "learning_rate": float(lr_at(step - 1)),
             "step_seconds": seconds,
             "tokens_per_s": cfg.data.batch_size * cfg.data.seq_len / seconds,
-            "mfu": flops_per_step_per_peak / seconds}
+            "mfu": flops_per_step_per_peak / seconds, **batches.metrics}
     writer.write(last)
   if step % tcfg.eval_every == 0 or step == tcfg.steps:
     evals = evaluate_loss(eval_fn, state, eval_set, mesh)
