@@ -12,6 +12,7 @@ number of processes. The kept documents end as `OUTPUT/shard-XXXXX-of-YYYYY.json
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import os
@@ -162,28 +163,32 @@ def _key_unit(args) -> None:
   cache.atomic_write(dst, lambda f: np.save(f, np.asarray(keys)))
 
 
-def _map(units, fn, processes: int) -> None:
-  """Runs the pending units, in worker processes when more than one is useful."""
-  units = list(units)
-  workers = min(processes or os.cpu_count() or 1, len(units))
-  if workers <= 1:
-    for unit in units:
-      fn(unit)
+@contextlib.contextmanager
+def _workers(processes: int, shards: int):
+  """`run(fn, units)`: in one pool of worker processes for the whole run when more
+  than one is useful, else in this process."""
+  count = min(processes or os.cpu_count() or 1, shards)
+  if count <= 1:
+    yield lambda fn, units: [fn(unit) for unit in units]
     return
   # spawn, not fork: the caller may hold threads (JAX does), and fork would copy them.
   context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-    list(pool.map(fn, units))
+  with concurrent.futures.ProcessPoolExecutor(count, mp_context=context) as pool:
+    yield lambda fn, units: list(pool.map(fn, units))
 
 
-def _corpus_phase(cfg, name, work, p, shards) -> None:
+def _done(work: pathlib.Path, p: int, s: int) -> bool:
+  return all((work / f"p{p}-{s:05d}.{kind}").exists() for kind in ("jsonl", "stats.json"))
+
+
+def _corpus_phase(run, cfg, name, work, p, shards) -> None:
   files = lambda kind, s: work / f"p{p}-{s:05d}.{kind}"
   outputs = [files("jsonl", s) for s in range(shards)]
-  if all(o.exists() and files("stats.json", s).exists() for s, o in enumerate(outputs)):
+  if all(_done(work, p, s) for s in range(shards)):
     return
   src = lambda s: work / f"p{p - 1}-{s:05d}.jsonl"
-  _map([(cfg, name, src(s), files("keys.npy", s)) for s in range(shards)
-        if not files("keys.npy", s).exists()], _key_unit, cfg.processes)
+  run(_key_unit, [(cfg, name, src(s), files("keys.npy", s)) for s in range(shards)
+                  if not files("keys.npy", s).exists()])
   per_shard = [np.load(files("keys.npy", s), allow_pickle=False) for s in range(shards)]
   sizes = [len(k) for k in per_shard]
   nonempty = [k for k in per_shard if len(k)]
@@ -213,13 +218,14 @@ def curate(cfg: CurationConfig, spec: str, output: str | os.PathLike,
   work.mkdir(exist_ok=True)
   shards = _split_input(spec, cfg, work)
   stages = phases(cfg.filters)
-  for p, names in enumerate(stages, start=1):
-    if FILTERS[names[0]].is_document_filter:
-      _map([(cfg, names, work / f"p{p - 1}-{s:05d}.jsonl", work / f"p{p}-{s:05d}.jsonl",
-             work / f"p{p}-{s:05d}.stats.json") for s in range(shards)
-            if not (work / f"p{p}-{s:05d}.stats.json").exists()], _document_unit, cfg.processes)
-    else:
-      _corpus_phase(cfg, names[0], work, p, shards)
+  with _workers(cfg.processes, shards) as run:
+    for p, names in enumerate(stages, start=1):
+      if FILTERS[names[0]].is_document_filter:
+        run(_document_unit, [(cfg, names, work / f"p{p - 1}-{s:05d}.jsonl",
+                              work / f"p{p}-{s:05d}.jsonl", work / f"p{p}-{s:05d}.stats.json")
+                             for s in range(shards) if not _done(work, p, s)])
+      else:
+        _corpus_phase(run, cfg, names[0], work, p, shards)
   last = len(stages)
   for s in range(shards):
     final = output / f"shard-{s:05d}-of-{shards:05d}.jsonl"
