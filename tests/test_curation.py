@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -224,3 +226,15 @@ def test_run_is_deterministic_parallel_and_resumes(raw_file, tmp_path):
     curate(serial, f"jsonl:{raw_file}", tmp_path / "c")
   with pytest.raises(ConfigError, match="--input jsonl:/nonexistent.jsonl: no such file"):
     curate(serial, "jsonl:/nonexistent.jsonl", tmp_path / "d")
+
+
+def test_curate_entry_point_prints_its_report(raw_file, tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.curate", "--config", "configs/curate.py",
+       f"--input=jsonl:{raw_file}", f"--output={tmp_path / 'out'}", "--config.processes=1",
+       "--config.filters=word_count,exact_dedup,pii"],
+      cwd=root, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "| exact_dedup |" in result.stdout and "kept shards: jsonl:" in result.stdout
+  assert (tmp_path / "out" / "report.json").exists()

@@ -1,4 +1,5 @@
-"""Multitask mixtures with per-task rates (FLAN / T5 style).
+"""Multitask mixtures with per-task rates (FLAN / T5 style); `WeightedDraws` is the
+sampler under them, also used for pretraining source mixtures (`llm.data.source_mixture`).
 
 Example i of a mixture comes from task t with probability rates[t], independently of
 the others; each task serves its records in a fresh permutation every epoch of its
