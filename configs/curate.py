@@ -15,7 +15,7 @@ import ml_collections
 
 from llm.data.curation.registry import DEFAULT_CHAIN, FILTERS
 
-VARIANTS = {
+SIZES = {  # variants of the chain
     "full": DEFAULT_CHAIN,
     "dedup": ("exact_dedup", "near_dedup"),
     "quality": tuple(n for n in DEFAULT_CHAIN if not n.endswith("_dedup")),
@@ -24,11 +24,11 @@ VARIANTS = {
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:
   variant = variant or "full"
-  if variant not in VARIANTS:
+  if variant not in SIZES:
     raise ValueError(f"configs/curate.py:{variant}: unknown variant; choose one of "
-                     f"{', '.join(VARIANTS)}")
+                     f"{', '.join(SIZES)}")
   cfg = ml_collections.ConfigDict()
-  cfg.filters = ",".join(VARIANTS[variant])
+  cfg.filters = ",".join(SIZES[variant])
   cfg.shard_docs = 1000
   cfg.processes = 0  # 0 = one worker per core
   cfg.text_key = "text"

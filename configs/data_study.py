@@ -2,7 +2,7 @@
 
   python -m experiments.data_study --study curation --out runs/study
   python -m experiments.data_study --study domain --out runs/study \
-      --config.train.steps=150 --continue_config.train.steps=100
+      --config.train.steps=150 --continue_steps=100
 
 Variants: `pretrain` (raw vs curated runs, and the general model of the domain study)
 and `continue` (continued pretraining from it: a lower peak learning rate, a short warmup).
@@ -13,9 +13,12 @@ import ml_collections
 from configs import gpt
 
 
+SIZES = ("pretrain", "continue")
+
+
 def get_config(variant: str = "pretrain") -> ml_collections.ConfigDict:
   variant = variant or "pretrain"
-  if variant not in ("pretrain", "continue"):
+  if variant not in SIZES:
     raise ValueError(f"configs/data_study.py:{variant}: unknown variant; choose pretrain or "
                      "continue")
   cfg = gpt.get_config("tiny")

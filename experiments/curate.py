@@ -10,19 +10,18 @@ text under config.text_key, true labels under config.label_key if any) or embedd
 Re-running the same command resumes; a different config or input needs a new --output.
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments.common import one_line_errors
+from experiments import cli
 from llm.data import curation, raw_corpus
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/curate.py", "Curation config.")
+_CONFIG = cli.ConfigFlag("configs/curate.py")
 _INPUT = flags.DEFINE_string("input", None, "text:PATH | jsonl:PATH | embedded", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the kept shards and the report.",
                               required=True)
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   cfg = curation.from_configdict(_CONFIG.value)
@@ -33,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _CONFIG)

@@ -6,26 +6,26 @@
             on a 1:1 general + domain mixture, scored on both domains' validation text.
 
   python -m experiments.data_study --study curation --out runs/study
-  python -m experiments.data_study --study domain --out runs/study
+  python -m experiments.data_study --study domain --out runs/study --continue_steps 150
 """
 
 import json
 import math
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
 from configs import curate as curate_config
-from experiments.common import one_line_errors
+from configs import data_study
+from experiments import cli
 from llm import data, train
 from llm.config import from_configdict
 from llm.data import curation, raw_corpus
 from llm.eval.report import lm_perplexity
 
-_PRETRAIN = config_flags.DEFINE_config_file("config", "configs/data_study.py:pretrain", "")
-_CONTINUE = config_flags.DEFINE_config_file("continue_config", "configs/data_study.py:continue",
-                                            "Continued pretraining (the domain study).")
+_PRETRAIN = cli.ConfigFlag("configs/data_study.py:pretrain")
+_CONTINUE_STEPS = flags.DEFINE_integer("continue_steps", 150, "Steps of continued pretraining "
+                                       "(configs/data_study.py:continue) in the domain study.")
 _STUDY = flags.DEFINE_enum("study", "curation", ["curation", "domain"], "Which study.")
 _OUT = flags.DEFINE_string("out", None, "Directory for every run of the study.", required=True)
 
@@ -65,8 +65,8 @@ def _domain(out, tokenizer_path):
       ("general + domain 1:1", "mixture", {"sources": (("embedded:topics", 1.0),
                                                        ("embedded:docstrings", 1.0))})):
     runs[name] = os.path.join(out, directory)
-    config_dict = _CONTINUE.value.copy_and_resolve_references()
-    config_dict.train.init_from = general
+    config_dict = data_study.get_config("continue")
+    config_dict.train.update(dict(init_from=general, steps=_CONTINUE_STEPS.value))
     _train(config_dict, runs[name], tokenizer_path, **fields)
   rows = {name: {"domain_loss": _loss(w, "embedded:topics"),
                  "general_loss": _loss(w, "embedded:docstrings")} for name, w in runs.items()}
@@ -77,7 +77,7 @@ def _domain(out, tokenizer_path):
   return rows
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -97,4 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _PRETRAIN)

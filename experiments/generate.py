@@ -10,10 +10,10 @@ A decoder continues each prompt and never emits ids it was not trained to predic
 """
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments.common import one_line_errors
-from llm.config import ConfigError
+from experiments import cli
+from llm.config import ConfigError, check_range
 from llm.inference import (SamplingConfig, beam_search, generate_sequences,
                            speculative_generate, untrained_ids)
 from llm.inference.speculative import check_same_tokenizer
@@ -56,12 +56,13 @@ def run(module, params, tokenizer, ids, sampling, rng):
   return generate_sequences(module, params, ids, sampling, rng), None
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                  max_new_tokens=_MAX_NEW.value)  # bad flags fail before the restore
+  check_range("--seed", _SEED.value, "[0, 2**32)")  # PRNGKey wraps larger seeds around
   if _QUANT.value != "none":
     from llm.inference.quantize import check_mode
     check_mode(_QUANT.value)
@@ -89,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -8,9 +8,9 @@ parameter bytes, validation perplexity, decode tokens/s at batch 1 and 32, sampl
 
 import dataclasses
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments.common import one_line_errors
+from experiments import cli
 from llm import data, train
 from llm.config import ConfigError
 from llm.inference import SamplingConfig
@@ -29,7 +29,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed decode calls per mode and b
 _PROMPT = flags.DEFINE_multi_string("prompt", ["The ", "Return the"], "Sample prompts.")
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -61,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

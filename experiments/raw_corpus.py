@@ -5,16 +5,16 @@ data), each document with its true defect labels (llm/data/raw_corpus.py).
   python -m experiments.raw_corpus --output runs/raw/raw.jsonl --seed 0
 """
 
-from absl import app, flags
+from absl import flags
 
-from experiments.common import one_line_errors
+from experiments import cli
 from llm.data import corpus, raw_corpus
 
 _OUTPUT = flags.DEFINE_string("output", None, "The JSONL file to write.", required=True)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of every random choice.")
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   records = raw_corpus.generate(corpus.embedded_documents("train"), seed=_SEED.value)
@@ -25,4 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

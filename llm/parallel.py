@@ -45,11 +45,14 @@ def mesh_shape(pcfg: ParallelConfig, num_devices: int) -> tuple[int, int, int]:
   """Resolves data=-1 to the devices left over; checks the product."""
   fixed = pcfg.fsdp * pcfg.tensor
   data = pcfg.data if pcfg.data > 0 else num_devices // fixed
-  if data * fixed != num_devices:
+  if data < 1 or data * fixed != num_devices:
+    need = (f"data x fsdp x tensor = {data * fixed} devices" if pcfg.data > 0 else
+            f"a multiple of fsdp x tensor = {fixed} devices (data=-1 takes the rest)")
     raise ConfigError(
         f"config.parallel data={pcfg.data} fsdp={pcfg.fsdp} tensor={pcfg.tensor} needs "
-        f"{data * fixed} devices but {num_devices} are present; make the product match "
-        "(or set data=-1)")
+        f"{need}, but {num_devices} {'is' if num_devices == 1 else 'are'} present; change them to "
+        "fit, or on one CPU machine simulate the devices with "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={max(data, 1) * fixed}")
   return data, pcfg.fsdp, pcfg.tensor
 
 

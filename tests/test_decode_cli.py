@@ -111,6 +111,9 @@ def test_seq2seq_generates_and_encoders_refuse(run):
     (["--draft_workdir", "draft", "--gamma", "0"], "gamma=0: must be >= 1"),
     (["--beams", "0"], "beams=0: must be >= 1"),
     (["--quant", "int3"], "unknown quantization mode"),
+    (["--temperature", "nan"], "temperature=nan: must be a finite number >= 0"),
+    (["--seed", "-1"], "--seed=-1: must be in [0, 2**32)"),
+    (["--seed", str(2 ** 32)], "--seed=4294967296: must be in [0, 2**32)"),
 ])
 def test_bad_input_is_one_line(run, args, message):
   code, _, err = run("--workdir", "gpt", "--max_new_tokens", "2", *args)

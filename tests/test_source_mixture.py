@@ -115,3 +115,12 @@ def test_domains_split_the_embedded_corpus_and_mix(tmp_path, tmp_path_factory, m
   assert set(evaluation) == set(single) and len(evaluation["inputs"]) == sum(
       len(clm.rows(_config(source=s, max_documents=12), tokenizer, "validation")["inputs"])
       for s, _ in cfg.data.sources)
+
+
+def test_sources_from_the_command_line():
+  from experiments import cli
+  cd = config_lib.default_configdict()
+  cli.apply_override(cd, "data.sources", "(('embedded:topics', 1), ('embedded:docstrings', 3))")
+  assert cd.data.sources == (("embedded:topics", 1), ("embedded:docstrings", 3))
+  with pytest.raises(config_lib.ConfigError, match="expected a tuple"):
+    cli.apply_override(cd, "data.sources", "embedded:topics")

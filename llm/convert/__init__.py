@@ -25,7 +25,8 @@ from typing import Any
 from llm.config import ModelConfig
 from llm.convert import bart, bert, bloom, gpt2, llama, mixtral, t5
 from llm.convert.common import (ConversionError, numpy_state_to_torch, params_to_numpy,
-                                read_safetensors_dir, require, torch_state_to_numpy)
+                                read_safetensors_dir, require, require_hf_libraries,
+                                torch_state_to_numpy)
 
 # model_type -> family module (or object with the same functions). Order is
 # to_transformers' preference among families that express a config.
@@ -65,6 +66,7 @@ def load_pretrained(directory: str | os.PathLike, scan_layers: bool = True):
   directory = os.fspath(directory)
   with open(os.path.join(directory, "config.json")) as f:
     family = _family(json.load(f).get("model_type"))
+  require_hf_libraries("transformers")
   from transformers import AutoConfig
   # config.json stores only non-default fields, so the config class fills in the rest.
   hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
@@ -114,6 +116,7 @@ def to_transformers(cfg: ModelConfig, params: Any, model_type: str | None = None
   The family is the first in FAMILIES of cfg.family that can express `cfg`, or
   `model_type` if given.
   """
+  require_hf_libraries("transformers", "torch")
   family = _pick_family(cfg, model_type)
   state = family.state_to_hf(cfg, params_to_numpy(params))
   hf_model = getattr(family, "hf_model", None)

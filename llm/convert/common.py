@@ -29,6 +29,16 @@ def require(ok: bool, message: str) -> None:
     raise ConversionError(message)
 
 
+def require_hf_libraries(*names: str) -> None:
+  """A one-line error naming what to install when `transformers` (or torch) is missing:
+  the runtime requirements leave them out."""
+  import importlib.util
+  missing = [n for n in names if importlib.util.find_spec(n) is None]
+  require(not missing, f"Hugging Face checkpoints need {' and '.join(missing)}, which the "
+          "runtime requirements leave out: pip install 'transformers>=4.57,<6' (and torch "
+          "to export), or pip install -e '.[hf]'")
+
+
 def hf_field(hf_config: Any, name: str, default: Any = None) -> Any:
   return getattr(hf_config, name, default)
 
