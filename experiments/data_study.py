@@ -2,8 +2,8 @@
 
   curation: the same steps on the raw degraded corpus vs on its curated output, scored on
             the embedded corpus's clean validation split;
-  domain:   a general model (docstrings) continued on the domain (pydoc topics) alone and
-            on a 1:1 general + domain mixture, scored on both domains' validation text.
+  domain:   a general model (docstrings) continued on the domain (pydoc topics), on a 1:1
+            mix, and on general text (the control), scored on both domains' validation text.
 
   python -m experiments.data_study --study curation --out runs/study
   python -m experiments.data_study --study domain --out runs/study --continue_steps 150
@@ -60,12 +60,12 @@ def _domain(out, tokenizer_path):
   general = os.path.join(out, "general")
   _train(_PRETRAIN.value, general, tokenizer_path, source="embedded:docstrings")
   runs = {"general (before)": general}
-  for name, directory, fields in (
+  for name, directory, fields in (  # general only: what the extra steps alone do
+      ("general only", "general_more", {"source": "embedded:docstrings"}),
       ("domain only", "domain_only", {"source": "embedded:topics"}),
       ("general + domain 1:1", "mixture", {"sources": (("embedded:topics", 1.0),
                                                        ("embedded:docstrings", 1.0))})):
-    runs[name] = os.path.join(out, directory)
-    config_dict = data_study.get_config("continue")
+    config_dict, runs[name] = data_study.get_config("continue"), os.path.join(out, directory)
     config_dict.train.update(dict(init_from=general, steps=_CONTINUE_STEPS.value))
     _train(config_dict, runs[name], tokenizer_path, **fields)
   rows = {name: {"domain_loss": _loss(w, "embedded:topics"),
