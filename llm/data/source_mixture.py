@@ -105,7 +105,7 @@ class MixtureIterator:
     self._draws = WeightedDraws([max(1, _num_rows(r)) for r in mixed.rows], mixed.rates, seed)
     self._tokens_R = [row_tokens(r) for r in mixed.rows]
     state = state or {"index": 0, "tokens": {name: 0 for name in mixed.names}}
-    if set(state.get("tokens", {})) != set(mixed.names):
+    if set(state) != {"index", "tokens"} or set(state["tokens"]) != set(mixed.names):
       raise ConfigError(f"the checkpoint's data state {sorted(state)} is not of a mixture of "
                         f"{list(mixed.names)}; resume with the same config.data.sources")
     self._index = int(state["index"])

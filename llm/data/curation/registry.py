@@ -118,15 +118,15 @@ def from_configdict(cd: Any) -> CurationConfig:
   if unknown:
     raise ConfigError(f"config.{unknown[0]}: unknown field; valid fields: "
                       f"{', '.join(SETTINGS + tuple(FILTERS))}")
-  chain = parse_chain(values.get("filters", DEFAULT_CHAIN))
+  chain = parse_chain(values["filters"]) if "filters" in values else DEFAULT_CHAIN
   params = {}
   for name, spec in FILTERS.items():
-    given = dict(values.get(name) or {})
+    given = dict(values[name]) if name in values else {}
     extra = sorted(set(given) - set(spec.params))
     if extra:
       raise ConfigError(f"config.{name}.{extra[0]}: unknown parameter; {name} takes "
                         f"{', '.join(spec.params) or 'none'}")
-    params[name] = {k: p.check(f"{name}.{k}", given.get(k, p.default))
+    params[name] = {k: p.check(f"{name}.{k}", given[k]) if k in given else p.default
                     for k, p in spec.params.items()}
   _check_across(chain, params)
   settings = {k: values[k] for k in SETTINGS if k in values and k != "filters"}

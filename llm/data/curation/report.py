@@ -35,9 +35,12 @@ def count(stats: dict, record: Mapping, before: str, after: Optional[str], examp
   """Adds one document's passage through a filter (after None = removed)."""
   stats["docs_in"] += 1
   stats["bytes_in"] += len(before.encode("utf-8"))
-  labels = record.get("labels")
+  labels = record["labels"]
   combo = _combo(labels) if labels is not None else None
-  bump = lambda key: stats[key].__setitem__(combo, stats[key].get(combo, 0) + 1)
+
+  def bump(key):
+    stats[key][combo] = stats[key].get(combo, 0) + 1
+
   if combo is not None:
     bump("labels_in")
   if after is None:
