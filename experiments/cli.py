@@ -15,6 +15,7 @@ Overrides are applied here rather than by ml_collections' config_flags, whose mi
 
 from __future__ import annotations
 
+import ast
 import difflib
 import errno
 import functools
@@ -201,9 +202,20 @@ def apply_override(cd, path: str, text: str | None) -> None:
 
 
 def parse_value(name: str, text: str | None, kind: type, optional: bool):
-  """`text` as a `kind` (bool, int, float, str); None for "None" where the field may be."""
+  """`text` as a `kind` (bool, int, float, str, or a tuple literal such as
+  data.sources' "(('embedded:topics', 1), ('embedded:docstrings', 3))"); None for "None"
+  where the field may be."""
   if text is None and kind is not bool:
     raise ConfigError(f"{name} needs a value: --{name}=VALUE")
+  if kind is tuple:
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = None
+    if not isinstance(value, tuple):
+      raise ConfigError(f"{name}={text!r}: expected a tuple, e.g. "
+                        "\"(('embedded:topics', 1), ('embedded:docstrings', 3))\"")
+    return value
   if optional and text in ("None", "none"):
     return None
   if kind is bool:

@@ -99,6 +99,9 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   source: str = "embedded"  # embedded | text:PATH[,PATH] | jsonl:PATH | tfds:NAME
+  # A mixture instead of `source`: ((source, weight), ...), e.g. (("embedded:topics", 1),
+  # ("embedded:docstrings", 3)); rows are drawn from each at its share (llm.data.source_mixture).
+  sources: tuple = ()
   data_dir: Optional[str] = None  # TFDS data_dir (where prepared datasets are)
   tfds_download: bool = False  # TFDS never downloads unless asked
   text_key: str = "text"  # JSONL / TFDS feature holding the text
@@ -259,7 +262,10 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
   Annotations arrive as strings (postponed evaluation), hence the lookup table.
   """
   ann = {"int": int, "float": float, "str": str, "bool": bool,
-         "Optional[str]": Optional[str], "Optional[int]": Optional[int]}.get(annotation, annotation)
+         "Optional[str]": Optional[str], "Optional[int]": Optional[int],
+         "tuple": tuple}.get(annotation, annotation)
+  if ann is tuple and isinstance(value, list):  # JSON (a saved config) has no tuples
+    value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
   origin = typing.get_origin(ann)
   if origin in (typing.Union, types.UnionType):
     args = typing.get_args(ann)
@@ -354,6 +360,9 @@ def validate(cfg: Config) -> Config:
   _require(cfg.model.family in families,
            f"config.data.objective={d.objective!r} trains a {' or '.join(families)} model, "
            f"but config.model.family={cfg.model.family!r}; change one of them")
+  if d.sources:
+    from llm.data.source_mixture import check_sources  # the data package imports this module
+    check_sources(d)
   _require(d.objective != "sft" or d.tasks,
            "config.data.tasks is empty: the sft objective needs tasks, e.g. "
            "--config.data.tasks=arithmetic or tfds:samsum or jsonl:/data/train.jsonl")

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llm.data import pipeline
+from llm.data import pipeline, source_mixture
 from llm.models import apply_batch
 
 Batch = dict
@@ -54,7 +54,7 @@ class Objective:
   batch_fn: Callable = pipeline.identity_batch_fn  # (data_cfg, tokenizer) -> (rows, step) -> batch
 
   def rows(self, cfg, tokenizer, split: str) -> Batch:
-    return self.rows_fn(data_config(cfg), tokenizer, split)
+    return source_mixture.rows(self.rows_fn, data_config(cfg), tokenizer, split)
 
   def batches(self, cfg, tokenizer) -> Callable[[Batch, int], Batch]:
     """(rows of one batch, step) -> the model's batch; prompt tuning's virtual tokens are

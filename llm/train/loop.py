@@ -153,7 +153,7 @@ def _run(cfg, workdir, base_params, lock, preemption, progress):
   if resuming:
     log.info("resumed from step %d of %s", int(state.step), workdir)
   metrics_lib.keep_records_through(workdir, int(state.step))
-  batches = data_lib.BatchIterator(train_rows, dcfg.batch_size, dcfg.shuffle_seed,
+  batches = data_lib.train_batches(train_rows, dcfg.batch_size, dcfg.shuffle_seed,
                                    state=data_state, process_index=jax.process_index(),
                                    process_count=jax.process_count())
   eval_set = objective.eval_set(cfg, tokenizer, eval_rows)
@@ -227,7 +227,8 @@ def _train_one(step, state, last, batches, make_batch, train_fn, eval_fn, eval_s
     last = {"step": step, **metrics, "learning_rate": float(lr_at(step - 1)),
             "step_seconds": seconds,
             "tokens_per_s": cfg.data.batch_size * cfg.data.seq_len / seconds,
-            "mfu": flops_per_step_per_peak / seconds, "nonfinite_steps": clock["nonfinite"]}
+            "mfu": flops_per_step_per_peak / seconds, "nonfinite_steps": clock["nonfinite"],
+            **batches.metrics}
     writer.write(last)
   if step % tcfg.eval_every == 0 or step == tcfg.steps:
     evals = evaluate_loss(eval_fn, state, eval_set, mesh)
