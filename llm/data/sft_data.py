@@ -47,7 +47,8 @@ def _has_rate(part: str) -> bool:
 def _jsonl_task(path: str, data_cfg) -> Task:
   template = Template(f"{{{data_cfg.prompt_key}}}", f"{{{data_cfg.completion_key}}}",
                       name=path)
-  records = jsonl_task(path, {"train": path}, template, "exact_match").records("train")
+  records = jsonl_task(path, {"train": path}, template, "exact_match",
+                       encoding=data_cfg.encoding).records("train")
   cut = len(records) - max(1, int(len(records) * HELD_OUT)) if len(records) > 1 else 1
   return Task(path, {"train": tuple(records[:cut]), "validation": tuple(records[cut:])},
               template, "exact_match")
