@@ -91,7 +91,7 @@ class Objective:
 def check_rows(rows: Batch, cfg, split: str) -> Batch:
   """`rows` unless they hold no token to learn or score: an empty evaluation split would
   report a loss of 0.0, an empty training split would fail later and less clearly."""
-  count = min(len(v) for v in rows.values())
+  count = min((len(v) for v in rows.values()), default=0)
   if count and ("weights" not in rows or rows["weights"].any()):
     return rows
   d = cfg.data

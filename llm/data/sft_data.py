@@ -77,6 +77,8 @@ def sft_split_rows(cfg, data_cfg, tokenizer, split: str) -> dict[str, np.ndarray
   else:
     task_split = "validation" if split == data_cfg.eval_split else split
     pairs = [pair for task in tasks for pair in task.pairs(task_split)]
+  if not pairs:
+    return {}  # the objective names the empty split (llm.objectives.check_rows)
   rows, truncated = sft_rows(pairs, tokenizer, data_cfg.seq_len, cfg.model.family)
   if truncated:
     log.warning("%d of %d %s examples had their prompt cut on the left to fit data.seq_len=%d",
