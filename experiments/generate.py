@@ -17,7 +17,8 @@ from llm.config import ConfigError, check_range
 from llm.inference import (SamplingConfig, beam_search, generate_sequences,
                            speculative_generate, untrained_ids)
 from llm.inference.speculative import check_same_tokenizer
-from llm.inference.workdir import continuation_text, load_model, prompt_ids, read_prompts
+from llm.inference.workdir import (continuation_text, load_model, prompt_ids, read_prompts,
+                                   terminal_text)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by a training run.",
                                required=True)
@@ -79,8 +80,8 @@ def main(argv):
     print(note)
   beams = out.tokens.ndim == 3
   for row, (prompt, ids_of_prompt, new) in enumerate(zip(prompts, ids, out.lists())):
-    print(f"{prompt} -> {tokenizer.decode(new)}" if seq2seq
-          else f"{prompt}{continuation_text(tokenizer, ids_of_prompt, new)}")
+    print(terminal_text(f"{prompt} -> {tokenizer.decode(new)}" if seq2seq
+                        else f"{prompt}{continuation_text(tokenizer, ids_of_prompt, new)}"))
     if _LOGPROBS.value:
       logprobs = out.logprobs[row, 0] if beams else out.logprobs[row]
       for token, logp in zip(new, logprobs.tolist()):

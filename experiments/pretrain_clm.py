@@ -15,6 +15,7 @@ from experiments import cli
 from experiments.common import start
 from llm import data, eval as eval_lib, train
 from llm.inference import SamplingConfig
+from llm.inference.workdir import terminal_text
 
 _CONFIG = cli.ConfigFlag("configs/gpt.py:tiny")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, tokenizer go here.",
@@ -37,7 +38,7 @@ def main(argv):
                             eos_id=tokenizer.eos_id)
   prompts = train.sample_prompts(cfg)
   for prompt, text in zip(prompts, train.sample_texts(cfg, params, tokenizer, prompts, sampling)):
-    print(f"--- {prompt!r} -> {prompt}{text}")
+    print(f"--- {prompt!r} -> {terminal_text(prompt + text)}")
 
 
 if __name__ == "__main__":

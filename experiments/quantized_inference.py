@@ -15,6 +15,7 @@ from llm import data, train
 from llm.config import ConfigError
 from llm.inference import SamplingConfig
 from llm.inference import quantize as quant_lib
+from llm.inference.workdir import terminal_text
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by a training run.",
                                required=True)
@@ -57,7 +58,7 @@ def main(argv):
     run_cfg = dataclasses.replace(cfg, model=quant_lib.inference_config(cfg.model, name))
     texts = train.sample_texts(run_cfg, tree, tokenizer, _PROMPT.value, sampling)
     for prompt, text in zip(_PROMPT.value, texts):
-      print(f"[{name}] " + f"{prompt}{text}".replace("\n", "\\n"))
+      print(f"[{name}] " + terminal_text(f"{prompt}{text}".replace("\n", "\\n")))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ class DataConfig:
   # A mixture instead of `source`: ((source, weight), ...), e.g. (("embedded:topics", 1),
   # ("embedded:docstrings", 3)); rows are drawn from each at its share (llm.data.source_mixture).
   sources: tuple = ()
+  encoding: str = "utf-8"  # text encoding of local text / JSONL files (e.g. latin-1)
   data_dir: Optional[str] = None  # TFDS data_dir (where prepared datasets are)
   tfds_download: bool = False  # TFDS never downloads unless asked
   text_key: str = "text"  # JSONL / TFDS feature holding the text
@@ -322,6 +323,9 @@ def validate_model(m: ModelConfig) -> ModelConfig:
            f"config.model.num_kv_heads={m.num_kv_heads}: must divide num_heads={m.num_heads}")
   _require(not (m.positions == "rope" and m.dim_per_head % 2),
            f"config.model.head_dim={m.dim_per_head}: RoPE needs an even head dim")
+  _require(m.positions != "relative" or m.family == "encoder_decoder",  # only T5 reads it
+           f"config.model.positions='relative' is T5's bias, which only family="
+           f"encoder_decoder implements; for family={m.family!r} use rope, learned or alibi")
   _require(m.positions != "relative" or m.relative_max_distance > m.relative_buckets // 2,
            f"config.model.relative_max_distance={m.relative_max_distance}: must exceed "
            f"relative_buckets // 2 = {m.relative_buckets // 2} (the exactly-bucketed range)")
@@ -350,6 +354,11 @@ def validate(cfg: Config) -> Config:
   _require(d.seq_len <= cfg.model.max_len or cfg.model.positions != "learned",
            f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={cfg.model.max_len}; "
            "lower seq_len or raise max_len")
+  _require(d.eval_split != d.train_split,
+           f"config.data.eval_split={d.eval_split!r} is also config.data.train_split: "
+           "evaluating on the training data hides overfitting; use a held-out split")
+  _require(_is_codec(d.encoding), f"config.data.encoding={d.encoding!r}: not a text "
+           "encoding Python knows (e.g. utf-8, latin-1, cp1252)")
   _require(d.mlm_mask_ratio + d.mlm_random_ratio <= 1.0,
            f"config.data.mlm_mask_ratio={d.mlm_mask_ratio} + mlm_random_ratio="
            f"{d.mlm_random_ratio}: must be <= 1 (the rest keep their token)")
@@ -381,6 +390,14 @@ def validate(cfg: Config) -> Config:
   _require(list(sizes.values()).count(-1) <= 1,
            f"config.parallel {named}: only one axis may be -1; give the others sizes")
   return cfg
+
+
+def _is_codec(name: str) -> bool:
+  try:
+    "a".encode(name)  # LookupError for unknown names and for bytes-to-bytes codecs
+    return True
+  except (LookupError, UnicodeError):
+    return False
 
 
 def check_sampling(cfg: Config) -> Config:

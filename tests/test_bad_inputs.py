@@ -47,6 +47,11 @@ OVERRIDES = [
     ("--config.model.init_std=-1", "config.model.init_std=-1.0: must be > 0"),
     ("--config.model.rope_theta=0", "config.model.rope_theta=0.0: must be > 0"),
     ("--config.model.relative_buckets=2", "config.model.relative_buckets=2: must be >= 4"),
+    ("--config.model.positions=relative", "config.model.positions='relative' is T5's bias, "
+     "which only family=encoder_decoder implements; for family='decoder' use rope"),
+    ("--config.model.family=encoder --config.model.positions=relative",
+     "config.model.positions='relative' is T5's bias, which only family=encoder_decoder "
+     "implements; for family='encoder'"),
     ("--config.model.moe.every=0", "config.model.moe.every=0: must be >= 1"),
     ("--config.model.moe.capacity_factor=0", "config.model.moe.capacity_factor=0.0: must be > 0"),
     ("--config.model.moe.aux_loss_weight=-1",
@@ -66,6 +71,10 @@ OVERRIDES = [
      "must be <= 1"),
     ("--config.data.noise_density=0", "config.data.noise_density=0.0: must be in (0, 1)"),
     ("--config.data.mean_span_length=0.5", "config.data.mean_span_length=0.5: must be >= 1"),
+    ("--config.data.eval_split=train", "config.data.eval_split='train' is also "
+     "config.data.train_split: evaluating on the training data hides overfitting"),
+    ("--config.data.encoding=klingon", "config.data.encoding='klingon': not a text encoding"),
+    ("--config.data.encoding=base64", "config.data.encoding='base64': not a text encoding"),
     ("--config.data.objective=mlm", "config.data.objective='mlm' trains a encoder model, but "
      "config.model.family='decoder'"),
     ("--config.data.objective=gpt", "config.data.objective='gpt': must be one of"),

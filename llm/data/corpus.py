@@ -149,7 +149,12 @@ def embedded_documents(split: str, part: str = "") -> list[str]:
     raise ValueError(f"embedded corpus split {split!r}: must be one of {', '.join(SPLITS)}")
   path = _cache_path()
   splits = cache.read_json(path)
-  if not isinstance(splits, dict) or set(splits) != set(SPLITS):
+  whole = isinstance(splits, dict) and set(splits) == set(SPLITS) and all(
+      isinstance(docs, list) and all(isinstance(d, str) for d in docs) and docs
+      for docs in splits.values())
+  if not whole:
+    if splits is not None:
+      cache.report_corrupt(path, "not the corpus's splits")
     splits = split_documents(build_documents())
     cache.write_json(path, splits)
   if not part:

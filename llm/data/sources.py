@@ -82,23 +82,43 @@ def resolve_paths(data_cfg, arg: str) -> list[str]:
       paths.append(pattern)
   if not paths:
     raise DataError(f"config.data.source={data_cfg.source!r}: no files given")
+  seen: dict[str, str] = {}
+  for path in paths:  # a file read twice would be trained on twice as often, unasked
+    real = os.path.realpath(path)
+    if real in seen:
+      also = "" if seen[real] == path else f" (also as {seen[real]!r})"
+      raise DataError(f"config.data.source={data_cfg.source!r}: {path!r} is named twice{also}; "
+                      "name each file once")
+    seen[real] = path
   return paths
 
 
-def _read_text(path: str) -> str:
-  # Undecodable bytes become U+FFFD instead of stopping a run on one bad byte.
-  with open(path, encoding="utf-8", errors="replace") as f:
-    return f.read()
+def _read_text(path: str, encoding: str = "utf-8") -> str:
+  """The file's text; a file that cannot be read or decoded is a DataError naming it
+  (bytes replaced by U+FFFD would train the model on garbage without a word)."""
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise DataError(f"{path}: cannot be read ({e.strerror or e}); check its permissions"
+                    ) from None
+  try:
+    return raw.decode(encoding)
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    raise DataError(f"{path}: not valid {encoding} (byte 0x{raw[e.start]:02x} on line {line}); "
+                    "convert the file, or set config.data.encoding to its encoding "
+                    "(e.g. latin-1)") from None
 
 
-def text_file_documents(path: str) -> list[str]:
+def text_file_documents(path: str, encoding: str = "utf-8") -> list[str]:
   """A text file's paragraphs (separated by blank lines), stripped, non-empty."""
-  return [d.strip() for d in _BLANK_LINES.split(_read_text(path)) if d.strip()]
+  return [d.strip() for d in _BLANK_LINES.split(_read_text(path, encoding)) if d.strip()]
 
 
-def jsonl_values(path: str) -> Iterator[tuple[int, Any]]:
+def jsonl_values(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, Any]]:
   """(line number, parsed JSON value) of each non-blank line of a JSONL file."""
-  for number, line in enumerate(_read_text(path).split("\n"), start=1):
+  for number, line in enumerate(_read_text(path, encoding).split("\n"), start=1):
     if not line.strip():
       continue
     try:
@@ -107,9 +127,9 @@ def jsonl_values(path: str) -> Iterator[tuple[int, Any]]:
       raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
 
 
-def jsonl_file_documents(path: str, text_key: str) -> list[str]:
+def jsonl_file_documents(path: str, text_key: str, encoding: str = "utf-8") -> list[str]:
   documents = []
-  for number, record in jsonl_values(path):
+  for number, record in jsonl_values(path, encoding):
     text = record.get(text_key) if isinstance(record, dict) else None
     if not isinstance(text, str):
       keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
@@ -136,9 +156,9 @@ def _local_documents(data_cfg, kind: str, arg: str, split: str) -> list[str]:
   documents = []
   for path in resolve_paths(data_cfg, arg):
     if kind == "text":
-      documents.extend(text_file_documents(path))
+      documents.extend(text_file_documents(path, data_cfg.encoding))
     else:
-      documents.extend(jsonl_file_documents(path, data_cfg.text_key))
+      documents.extend(jsonl_file_documents(path, data_cfg.text_key, data_cfg.encoding))
   return hash_split(documents, _LOCAL_VALIDATION_PERCENT)[local_split(data_cfg, split)]
 
 
@@ -205,7 +225,7 @@ def source_fingerprint(data_cfg, split: str) -> Any:
     stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns)
              for p in resolve_paths(data_cfg, arg)]
     parts.update(files=stats, text_key=data_cfg.text_key,
-                 split_percent=_LOCAL_VALIDATION_PERCENT)
+                 split_percent=_LOCAL_VALIDATION_PERCENT, encoding=data_cfg.encoding)
   else:
     parts.update(data_dir=data_cfg.data_dir, text_key=data_cfg.text_key)
   return parts

@@ -266,11 +266,25 @@ def tokenizer_source(data_cfg, vocab_size: int, workdir: str | os.PathLike) -> p
                      f"config.data.tokenizer_path={data_cfg.tokenizer_path!r}")
     return pathlib.Path(data_cfg.tokenizer_path)
   cached = _cache_path(data_cfg, vocab_size)
+  if cached.exists() and not _cached_tokenizer_ok(cached, vocab_size):
+    cached.unlink(missing_ok=True)
   if not cached.exists():
     documents = sources.load_documents(data_cfg, data_cfg.train_split,
                                        max_chars=_MAX_TRAINING_CHARS)
     train_tokenizer(documents, vocab_size, cached, data_cfg.num_sentinels)
   return cached
+
+
+def _cached_tokenizer_ok(path: pathlib.Path, vocab_size: int) -> bool:
+  """Whether the cached model loads with `vocab_size` pieces; else it is reported."""
+  try:
+    pieces = Tokenizer.load(path).vocab_size
+  except ValueError as e:
+    cache.report_corrupt(path, str(e).split(": ", 1)[-1])
+    return False
+  if pieces != vocab_size:
+    cache.report_corrupt(path, f"{pieces} pieces, not {vocab_size}")
+  return pieces == vocab_size
 
 
 def install_tokenizer(source: str | os.PathLike, workdir: str | os.PathLike) -> None:
