@@ -67,7 +67,24 @@ def one_line_errors(fn):
         message += "; see --help"
       print(f"error: {message}", file=sys.stderr)
       sys.exit(1 if failed_run else 2)
+    except Exception as e:  # noqa: BLE001 -- only a multi-process job's lost peer is ours
+      lost_peer(e)
+      raise
   return wrapped
+
+
+def lost_peer(error: Exception) -> None:
+  """In a multi-process job a runtime error in a collective means a peer died (or its
+  host went away): say so in one line and exit 1 at once, skipping jax.distributed's
+  shutdown barrier, which would wait minutes for the dead process."""
+  import jax
+  if not isinstance(error, jax.errors.JaxRuntimeError) or jax.process_count() == 1:
+    return
+  first = str(error).strip().splitlines()[0][:300]
+  print(f"error: process {jax.process_index()} of {jax.process_count()} lost a peer ({first});"
+        " another process of the job most likely died, see its log; restart the whole job "
+        "to resume from the last checkpoint", file=sys.stderr, flush=True)
+  os._exit(1)
 
 
 def run(main, config: ConfigFlag | None = None):

@@ -67,7 +67,7 @@ class Objective:
 
   def eval_set(self, cfg, tokenizer, rows) -> list[Batch]:
     return pipeline.eval_set(self.batches(cfg, tokenizer), rows, cfg.data.batch_size,
-                             cfg.train.eval_batches)
+                             cfg.train.eval_batches, jax.process_index(), jax.process_count())
 
   def example_batch(self, cfg, batch_size: int = 1) -> Batch:
     """Zeros shaped like a batch (for init, tracing and benchmarks)."""
