@@ -270,3 +270,14 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
     raise ConfigError(f"--num_processes={args['num_processes']} but the job has "
                       f"{jax.process_count()} processes; make them agree")
   return True
+
+
+def lost_peer_message(error: Exception) -> str | None:
+  """In a multi-process job a runtime error in a collective means a peer died (or its host
+  went away): what to tell the user; None for any other error."""
+  if not isinstance(error, jax.errors.JaxRuntimeError) or jax.process_count() == 1:
+    return None
+  first = str(error).strip().splitlines()[0][:300]
+  return (f"process {jax.process_index()} of {jax.process_count()} lost a peer ({first}); "
+          "another process of the job most likely died, see its log; restart the whole job "
+          "to resume from the last checkpoint")

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # as `python -m pytest` from the root has it, for the __main__ use
 
 from experiments import cli  # noqa: E402
-from llm import config as config_lib, parallel  # noqa: E402
+from llm import config as config_lib, config_cli, parallel  # noqa: E402
 from llm.config import ConfigError  # noqa: E402
 from llm.train import checkpoint as ckpt  # noqa: E402
 
@@ -285,7 +285,7 @@ def test_defaults_and_every_config_size_are_valid():
   for spec in ["configs/gpt.py:" + s for s in ("tiny", "small", "gpt2", "llama")] + [
       "configs/bert.py:tiny", "configs/bert.py:roberta", "configs/t5.py:small",
       "configs/moe.py:mixtral", "configs/finetune.py:prompt"]:
-    config_lib.from_configdict(cli.load_config(spec))
+    config_lib.from_configdict(config_cli.load_config(spec))
 
 
 def test_the_package_installs_llm_experiments_and_configs_with_the_runtime_requirements():

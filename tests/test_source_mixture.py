@@ -118,9 +118,9 @@ def test_domains_split_the_embedded_corpus_and_mix(tmp_path, tmp_path_factory, m
 
 
 def test_sources_from_the_command_line():
-  from experiments import cli
+  from llm import config_cli
   cd = config_lib.default_configdict()
-  cli.apply_override(cd, "data.sources", "(('embedded:topics', 1), ('embedded:docstrings', 3))")
+  config_cli.apply_override(cd, "data.sources", "(('embedded:topics', 1), ('embedded:docstrings', 3))")
   assert cd.data.sources == (("embedded:topics", 1), ("embedded:docstrings", 3))
   with pytest.raises(config_lib.ConfigError, match="expected a tuple"):
-    cli.apply_override(cd, "data.sources", "embedded:topics")
+    config_cli.apply_override(cd, "data.sources", "embedded:topics")
