@@ -99,16 +99,16 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   owns its workdir (`safety.WorkdirLock`); SIGTERM / SIGINT save and raise
   `safety.Preempted`; a non-finite step raises `safety.NonFiniteError` before any save.
   """
-  base_params = None
-  if cfg.train.init_from:
-    base_cfg, base_params, tokenizer_file = init_from.pretrained(cfg.train.init_from,
-                                                                 cfg.train.init_from_pickle)
-    cfg = init_from.resolve(cfg, base_cfg, tokenizer_file)
   ckpt.check_writable(workdir)
   lock = safety.WorkdirLock(workdir)
   if os.path.isdir(workdir):
     lock.acquire()  # before any work: a second run on a live workdir fails at once
   try:
+    base_params = None
+    if cfg.train.init_from:
+      base_cfg, base_params, tokenizer_file = init_from.pretrained(cfg.train.init_from,
+                                                                   cfg.train.init_from_pickle)
+      cfg = init_from.resolve(cfg, base_cfg, tokenizer_file)
     with safety.Preemption() as preemption:
       return _run(cfg, workdir, base_params, lock, preemption, progress)
   finally:
