@@ -16,7 +16,8 @@ TINY = ["--config.model.d_model=32", "--config.model.num_layers=1", "--config.mo
 
 
 def _run(module, *args, cache, cwd=ROOT):
-  env = {**os.environ, "LLM_CACHE": cache, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+  env = {**os.environ, "LLM_CACHE": cache, "XLA_FLAGS": "--xla_backend_optimization_level=0",
+         "JAX_PLATFORMS": "cpu",
          "PYTHONPATH": ROOT}  # as `pip install -e .` has it, from any directory
   return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)

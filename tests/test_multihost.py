@@ -30,7 +30,8 @@ def _free_port() -> int:
 
 def _launch(workdir, devices, extra_env=None, *args):
   env = {k: v for k, v in os.environ.items() if k not in parallel.DISTRIBUTED_ENV.values()}
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+                       " --xla_backend_optimization_level=0",
              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **(extra_env or {}))
   return subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(workdir), *args],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -109,7 +109,8 @@ def test_bad_sweeps_fail_before_any_trial_runs(tmp_path):
 # --- the runner, end to end ---------------------------------------------------------------
 
 def _sweep_cli(config, workdir, *flags, cache):
-  env = {**os.environ, "LLM_CACHE": cache, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+  env = {**os.environ, "LLM_CACHE": cache, "XLA_FLAGS": "--xla_backend_optimization_level=0",
+         "JAX_PLATFORMS": "cpu",
          "JAX_COMPILATION_CACHE_DIR": os.path.join(cache, "jax"),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   return subprocess.run([sys.executable, "-m", "experiments.sweep", "--config", config,
