@@ -10,13 +10,23 @@ def param_count(cfg: ModelConfig, include_embeddings: bool = True, active: bool 
   attn = d * n * h * 2 + d * k * h * 2
   mlp = d * f * (3 if cfg.activation in ("swiglu", "geglu") else 2)
   experts = cfg.moe.num_experts
-  moe_layers = (sum((i + 1) % cfg.moe.every == 0 for i in range(cfg.num_layers))
-                if experts else 0)
   moe_mlp = d * experts + mlp * (min(cfg.moe.top_k, experts) if active else experts)
-  total = cfg.num_layers * (attn + mlp) + moe_layers * (moe_mlp - mlp)
+
+  def stack(layers: int, attention: int) -> int:
+    moe_layers = sum((i + 1) % cfg.moe.every == 0 for i in range(layers)) if experts else 0
+    return layers * (attention + mlp) + moe_layers * (moe_mlp - mlp)
+  total = stack(cfg.num_layers, attn)
+  stacks = 1
+  if cfg.family == "encoder_decoder":  # the decoder: self- and cross-attention per layer
+    total += stack(cfg.num_decoder_layers or cfg.num_layers, 2 * attn)
+    stacks = 2
+  if cfg.family == "encoder":
+    total += 2 * d * d  # the MLM head's transform and the pooler
   if include_embeddings:
     total += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    total += cfg.max_len * d if cfg.positions == "learned" else 0
+    if cfg.positions == "learned":  # a table per stack, position_offset rows in front
+      total += stacks * (cfg.max_len + cfg.position_offset) * d
+    total += cfg.type_vocab_size * d
   return total
 
 
