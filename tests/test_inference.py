@@ -18,25 +18,6 @@ def _draws(cfg, n=400):
   return np.asarray(jax.vmap(lambda k: sample(k, LOGITS, cfg)[0])(keys))  # (n, B)
 
 
-def test_top_k_never_emits_outside_the_k_most_likely():
-  draws = _draws(SamplingConfig(temperature=1.5, top_k=5))
-  top5 = np.argsort(-np.asarray(LOGITS), axis=-1)[:, :5]
-  for row in range(LOGITS.shape[0]):
-    assert set(draws[:, row]) <= set(top5[row])
-    assert len(set(draws[:, row])) > 1  # still random within the k
-
-
-def test_top_p_never_emits_outside_the_nucleus():
-  p = 0.6
-  draws = _draws(SamplingConfig(temperature=1.0, top_p=p))
-  probs = np.asarray(jax.nn.softmax(LOGITS, -1))
-  for row in range(LOGITS.shape[0]):
-    order = np.argsort(-probs[row])
-    mass_before = np.cumsum(probs[row][order]) - probs[row][order]
-    nucleus = set(order[mass_before < p])
-    assert set(draws[:, row]) <= nucleus
-
-
 def _reference_distribution(logits, temperature, top_k=0, top_p=1.0):
   """What `sample` should draw from, in float64 NumPy: softmax(logits / temperature),
   its top_k most likely tokens, then the nucleus (mass before a token < top_p) of those
@@ -54,7 +35,6 @@ def _reference_distribution(logits, temperature, top_k=0, top_p=1.0):
 
 @pytest.mark.parametrize("settings", [dict(temperature=1.5, top_k=5),
                                       dict(temperature=0.7, top_p=0.8),
-                                      dict(temperature=2.0),
                                       dict(temperature=1.0, top_k=12, top_p=0.9)])
 def test_sampling_frequencies_match_the_renormalised_distribution(settings):
   """20,000 draws per row in one jitted call: a chi-square statistic (the rarest bins
