@@ -15,6 +15,7 @@ Overrides are applied here rather than by ml_collections' config_flags, whose mi
 
 from __future__ import annotations
 
+import ast
 import difflib
 import errno
 import functools
@@ -66,7 +67,24 @@ def one_line_errors(fn):
         message += "; see --help"
       print(f"error: {message}", file=sys.stderr)
       sys.exit(1 if failed_run else 2)
+    except Exception as e:  # noqa: BLE001 -- only a multi-process job's lost peer is ours
+      lost_peer(e)
+      raise
   return wrapped
+
+
+def lost_peer(error: Exception) -> None:
+  """In a multi-process job a runtime error in a collective means a peer died (or its
+  host went away): say so in one line and exit 1 at once, skipping jax.distributed's
+  shutdown barrier, which would wait minutes for the dead process."""
+  import jax
+  if not isinstance(error, jax.errors.JaxRuntimeError) or jax.process_count() == 1:
+    return
+  first = str(error).strip().splitlines()[0][:300]
+  print(f"error: process {jax.process_index()} of {jax.process_count()} lost a peer ({first});"
+        " another process of the job most likely died, see its log; restart the whole job "
+        "to resume from the last checkpoint", file=sys.stderr, flush=True)
+  os._exit(1)
 
 
 def run(main, config: ConfigFlag | None = None):
@@ -184,9 +202,20 @@ def apply_override(cd, path: str, text: str | None) -> None:
 
 
 def parse_value(name: str, text: str | None, kind: type, optional: bool):
-  """`text` as a `kind` (bool, int, float, str); None for "None" where the field may be."""
+  """`text` as a `kind` (bool, int, float, str, or a tuple literal such as
+  data.sources' "(('embedded:topics', 1), ('embedded:docstrings', 3))"); None for "None"
+  where the field may be."""
   if text is None and kind is not bool:
     raise ConfigError(f"{name} needs a value: --{name}=VALUE")
+  if kind is tuple:
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = None
+    if not isinstance(value, tuple):
+      raise ConfigError(f"{name}={text!r}: expected a tuple, e.g. "
+                        "\"(('embedded:topics', 1), ('embedded:docstrings', 3))\"")
+    return value
   if optional and text in ("None", "none"):
     return None
   if kind is bool:

@@ -2,20 +2,34 @@
 
 import logging
 
+from absl import flags
+
 from experiments import cli
 from llm.config import ConfigError
+
+# A multi-process job (see README "Scale"): these, else the JAX_* environment variables;
+# under SLURM, Open MPI or on a TPU pod slice jax finds them itself.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in the job (JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process, 0 .. num_processes - 1 (JAX_PROCESS_ID).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 30, "A process silent this long "
+                                  "counts as dead, and the others exit.")
 
 
 def start(config_dict):
   """The start of every training entry point: quiet logs, join a multi-host job if the
-  environment describes one, and validate the config at the boundary."""
+  flags or the environment describe one, and validate the config at the boundary."""
   from absl import logging as absl_logging
 
   from llm import config as config_lib
   from llm import parallel
   absl_logging.set_verbosity(absl_logging.WARNING)
   show_progress_messages()
-  parallel.init_distributed()
+  parallel.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                            _HEARTBEAT.value)
   return config_lib.check_sampling(config_lib.from_configdict(config_dict))
 
 

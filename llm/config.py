@@ -99,6 +99,9 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   source: str = "embedded"  # embedded | text:PATH[,PATH] | jsonl:PATH | tfds:NAME
+  # A mixture instead of `source`: ((source, weight), ...), e.g. (("embedded:topics", 1),
+  # ("embedded:docstrings", 3)); rows are drawn from each at its share (llm.data.source_mixture).
+  sources: tuple = ()
   encoding: str = "utf-8"  # text encoding of local text / JSONL files (e.g. latin-1)
   data_dir: Optional[str] = None  # TFDS data_dir (where prepared datasets are)
   tfds_download: bool = False  # TFDS never downloads unless asked
@@ -152,6 +155,9 @@ class TrainConfig:
   # Start from a pretraining workdir or a Hugging Face checkpoint directory instead of
   # random init; the model config then comes from there (peft and dropout from this run).
   init_from: str = ""
+  # A Hugging Face init_from directory holding only PyTorch pickles (pytorch_model.bin) is
+  # refused, since unpickling can run code; True reads them (only for sources you trust).
+  init_from_pickle: bool = False
   # Regex over param paths ("layers/attn/query/kernel") selecting the trainable params;
   # "" = what model.peft.method trains (full: all; lora: lora_a/b; prompt: soft_prompt; ...).
   trainable: str = ""
@@ -160,13 +166,17 @@ class TrainConfig:
   skip_nonfinite: bool = False
   # Resume even though steps / batch / sequence length / data changed since the checkpoint.
   allow_config_change: bool = False
+  tensorboard: bool = False  # also write WORKDIR/tensorboard/ event files (tensorboardX)
 
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
-  data: int = -1  # -1: all devices not used by the other axes
+  """Mesh axis sizes; one may be -1: the devices the other axes leave."""
+
+  data: int = -1  # devices the batch is split over (-1: those the other axes leave)
   fsdp: int = 1  # devices params, gradients and optimizer state are sharded over (ZeRO-3)
   tensor: int = 1  # devices heads / MLP / vocabulary are split over
+  expert: int = 1  # devices MoE experts are split over (the batch too, outside the experts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +228,6 @@ RANGES = {
     "train.eval_every": ">= 1", "train.eval_batches": ">= 1", "train.checkpoint_every": ">= 1",
     "train.keep_checkpoints": ">= 1", "train.peak_flops": ">= 0", "train.num_samples": ">= 0",
     "train.sample_tokens": ">= 1",
-    "parallel.fsdp": ">= 1", "parallel.tensor": ">= 1",
 }
 
 
@@ -254,7 +263,10 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
   Annotations arrive as strings (postponed evaluation), hence the lookup table.
   """
   ann = {"int": int, "float": float, "str": str, "bool": bool,
-         "Optional[str]": Optional[str], "Optional[int]": Optional[int]}.get(annotation, annotation)
+         "Optional[str]": Optional[str], "Optional[int]": Optional[int],
+         "tuple": tuple}.get(annotation, annotation)
+  if ann is tuple and isinstance(value, list):  # JSON (a saved config) has no tuples
+    value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
   origin = typing.get_origin(ann)
   if origin in (typing.Union, types.UnionType):
     args = typing.get_args(ann)
@@ -357,6 +369,9 @@ def validate(cfg: Config) -> Config:
   _require(cfg.model.family in families,
            f"config.data.objective={d.objective!r} trains a {' or '.join(families)} model, "
            f"but config.model.family={cfg.model.family!r}; change one of them")
+  if d.sources:
+    from llm.data.source_mixture import check_sources  # the data package imports this module
+    check_sources(d)
   _require(d.objective != "sft" or d.tasks,
            "config.data.tasks is empty: the sft objective needs tasks, e.g. "
            "--config.data.tasks=arithmetic or tfds:samsum or jsonl:/data/train.jsonl")
@@ -367,9 +382,13 @@ def validate(cfg: Config) -> Config:
   _require(d.batch_size % t.microbatches == 0,
            f"config.train.microbatches={t.microbatches}: must divide "
            f"data.batch_size={d.batch_size}")
-  _require(cfg.parallel.data == -1 or cfg.parallel.data >= 1,
-           f"config.parallel.data={cfg.parallel.data}: must be -1 (the devices the other "
-           "axes leave) or >= 1")
+  sizes = {axis: getattr(cfg.parallel, axis) for axis in ("data", "fsdp", "tensor", "expert")}
+  for axis, size in sizes.items():
+    _require(size == -1 or size >= 1, f"config.parallel.{axis}={size}: must be -1 (the "
+             "devices the other axes leave) or >= 1")
+  named = " ".join(f"{axis}={size}" for axis, size in sizes.items())
+  _require(list(sizes.values()).count(-1) <= 1,
+           f"config.parallel {named}: only one axis may be -1; give the others sizes")
   return cfg
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llm.data import pipeline
+from llm.data import pipeline, source_mixture
 from llm.data.sources import DataError
 from llm.models import apply_batch
 
@@ -55,7 +55,8 @@ class Objective:
   batch_fn: Callable = pipeline.identity_batch_fn  # (data_cfg, tokenizer) -> (rows, step) -> batch
 
   def rows(self, cfg, tokenizer, split: str) -> Batch:
-    return check_rows(self.rows_fn(data_config(cfg), tokenizer, split), cfg, split)
+    rows = source_mixture.rows(self.rows_fn, data_config(cfg), tokenizer, split)
+    return check_rows(rows, cfg, split) if isinstance(rows, dict) else rows  # or MixedRows
 
   def batches(self, cfg, tokenizer) -> Callable[[Batch, int], Batch]:
     """(rows of one batch, step) -> the model's batch; prompt tuning's virtual tokens are
@@ -68,7 +69,7 @@ class Objective:
 
   def eval_set(self, cfg, tokenizer, rows) -> list[Batch]:
     return pipeline.eval_set(self.batches(cfg, tokenizer), rows, cfg.data.batch_size,
-                             cfg.train.eval_batches)
+                             cfg.train.eval_batches, jax.process_index(), jax.process_count())
 
   def example_batch(self, cfg, batch_size: int = 1) -> Batch:
     """Zeros shaped like a batch (for init, tracing and benchmarks)."""

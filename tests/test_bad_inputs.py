@@ -104,7 +104,12 @@ OVERRIDES = [
     ("--config.train.trainable=[", "config.train.trainable='[': not a regex"),
     ("--config.parallel.data=0", "config.parallel.data=0: must be -1 (the devices the other "
      "axes leave) or >= 1"),
-    ("--config.parallel.fsdp=0", "config.parallel.fsdp=0: must be >= 1"),
+    ("--config.parallel.fsdp=0", "config.parallel.fsdp=0: must be -1 (the devices the other "
+     "axes leave) or >= 1"),
+    ("--config.parallel.expert=0", "config.parallel.expert=0: must be -1 (the devices the "
+     "other axes leave) or >= 1"),
+    ("--config.parallel.fsdp=-1", "config.parallel data=-1 fsdp=-1 tensor=1 expert=1: only one "
+     "axis may be -1"),
 ]
 
 # Whole command lines (the workdir flag included where it matters) through the parser.
@@ -235,7 +240,11 @@ def test_the_mesh_error_counts_right_and_says_how_to_simulate_devices(capsys):
   message = _one_line_error(capsys, parallel.mesh_shape,
                             config_lib.ParallelConfig(data=2, fsdp=2), 8)
   assert "needs data x fsdp x tensor = 4 devices, but 8 are present" in message
-  assert parallel.mesh_shape(config_lib.ParallelConfig(fsdp=2), 8) == (4, 2, 1)
+  assert parallel.mesh_shape(config_lib.ParallelConfig(fsdp=2), 8) == (4, 2, 1, 1)
+  message = _one_line_error(capsys, parallel.mesh_shape,
+                            config_lib.ParallelConfig(data=1, fsdp=-1, expert=4), 2)
+  assert "needs a multiple of data x tensor x expert = 4 devices (fsdp=-1 takes the rest)" \
+      in message
 
 
 def test_hugging_face_loading_says_what_to_install(tmp_path, monkeypatch, capsys):

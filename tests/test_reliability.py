@@ -180,6 +180,9 @@ def test_a_failed_start_leaves_the_workdir_as_it_found_it(tmp_path):
   with pytest.raises(ValueError, match="batch_size"):  # found late: after data and mesh
     train.run(make_config(**{"data.batch_size": 3}), str(fresh), progress=False)
   assert not fresh.exists()
+  with pytest.raises(ConfigError, match="remote workdirs are not supported yet"):
+    train.run(make_config(), "gs://bucket/run", progress=False)
+  assert not os.path.exists("gs:")
 
 
 def test_a_changed_run_field_on_resume_is_refused(reference):

@@ -10,6 +10,7 @@ Typical use (see DESIGN.md):
 from llm.data.corpus import embedded_documents
 from llm.data.iterator import BatchIterator, eval_batches
 from llm.data.packing import build_dataset, pack_documents
+from llm.data.source_mixture import train_batches
 from llm.data.sources import DataError, load_documents
 from llm.data.tokenizer import (Tokenizer, get_tokenizer, install_tokenizer, tokenizer_source,
                                 train_tokenizer)
@@ -17,5 +18,5 @@ from llm.data.tokenizer import (Tokenizer, get_tokenizer, install_tokenizer, tok
 __all__ = [
     "BatchIterator", "DataError", "Tokenizer", "build_dataset", "embedded_documents",
     "eval_batches", "get_tokenizer", "install_tokenizer", "load_documents", "pack_documents",
-    "tokenizer_source", "train_tokenizer",
+    "tokenizer_source", "train_batches", "train_tokenizer",
 ]

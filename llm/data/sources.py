@@ -2,6 +2,7 @@
 
 Forms:
   embedded                   the corpus built from Python's own documentation
+  embedded:topics | embedded:docstrings   one of its two domains (pydoc topics / docstrings)
   text:PATH[,PATH...]        plain text files or globs; documents are separated
                              by blank lines
   jsonl:PATH[,PATH...]       one JSON object per line, text under config.data.text_key
@@ -14,7 +15,9 @@ split names are passed through verbatim (e.g. "train[:1%]").
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import itertools
 import json
 import os
 import re
@@ -23,7 +26,8 @@ from typing import Any, Iterator, Optional
 
 from llm.data import corpus
 
-VALID_FORMS = "embedded | text:PATH[,PATH...] | jsonl:PATH[,PATH...] | tfds:NAME[/CONFIG][:VERSION]"
+VALID_FORMS = ("embedded | text:PATH[,PATH...] | jsonl:PATH[,PATH...] | tfds:NAME[/CONFIG][:VERSION]"
+               " | embedded:topics | embedded:docstrings")
 _LOCAL_VALIDATION_PERCENT = 2
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -36,8 +40,8 @@ class DataError(ValueError):
 def parse_source(source: str) -> tuple[str, str]:
   """("embedded" | "text" | "jsonl" | "tfds", argument) or a one-line DataError."""
   kind, sep, arg = source.partition(":")
-  if kind == "embedded" and not sep:
-    return kind, ""
+  if kind == "embedded" and (not sep or arg in corpus.PARTS):
+    return kind, arg
   if kind in ("text", "jsonl", "tfds") and arg.strip():
     return kind, arg.strip()
   raise DataError(f"config.data.source={source!r}: expected one of {VALID_FORMS}")
@@ -175,8 +179,10 @@ def load_documents(data_cfg, split: str, max_chars: Optional[int] = None) -> lis
   to train a tokenizer, without reading all of a large dataset)."""
   kind, arg = parse_source(data_cfg.source)
   limit = data_cfg.max_documents if data_cfg.max_documents > 0 else None
+  if data_cfg.sources:
+    return _mixture_documents(data_cfg, split, max_chars)
   if kind == "embedded":
-    documents = corpus.embedded_documents(local_split(data_cfg, split))
+    documents = corpus.embedded_documents(local_split(data_cfg, split), arg)
   elif kind in ("text", "jsonl"):
     documents = _local_documents(data_cfg, kind, arg, split)
   else:
@@ -187,12 +193,29 @@ def load_documents(data_cfg, split: str, max_chars: Optional[int] = None) -> lis
   return _first_chars(documents[:limit], max_chars)
 
 
+def one_source(data_cfg, source: str):
+  """The data config of one source of a mixture (`config.data.sources`)."""
+  return dataclasses.replace(data_cfg, source=source, sources=())
+
+
+def _mixture_documents(data_cfg, split: str, max_chars: Optional[int]) -> list[str]:
+  """Every source's documents, taken in turn (weights are for sampling, not here), so
+  the first `max_chars` (a tokenizer's training text) come from all of them."""
+  parts = [load_documents(one_source(data_cfg, source), split, max_chars)
+           for source, _ in data_cfg.sources]
+  mixed = [doc for group in itertools.zip_longest(*parts) for doc in group if doc is not None]
+  return _first_chars(mixed, max_chars)
+
+
 def source_fingerprint(data_cfg, split: str) -> Any:
   """What the documents of `split` depend on, for cache keys.
 
   Local files enter by size and modification time, so editing one invalidates
   the caches built from it without hashing gigabytes on every start.
   """
+  if data_cfg.sources:
+    return {"sources": [source_fingerprint(one_source(data_cfg, s), split)
+                        for s, _ in data_cfg.sources]}
   kind, arg = parse_source(data_cfg.source)
   parts: dict[str, Any] = {"source": data_cfg.source, "split": split,
                            "max_documents": data_cfg.max_documents}

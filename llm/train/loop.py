@@ -39,17 +39,27 @@ def create_state(cfg: Config, mesh, params=None):
   unsharded model (what FSDP needs at scale). `params` (host arrays, e.g. pretrained
   weights overlaid on a fresh init) replace the random init. Returns (state, shardings).
   """
-  module = models.build(cfg.model)
-  objective = objectives.get(cfg.data.objective)
-  trainable = peft.trainable_pattern(cfg.model.peft, cfg.train.trainable)
-  make = functools.partial(init_state, module, functools.partial(objective.loss, module),
-                           make_optimizer(cfg.train), objective.example_batch(cfg, 1),
-                           cfg.train.seed, trainable, cfg.train.microbatches)
-  abstract_boxed = jax.eval_shape(functools.partial(make, boxed=True))
-  shardings = parallel.tree_shardings(abstract_boxed, mesh)
+  make = state_factory(cfg)
+  shardings = state_shardings(make, mesh)
   if params is None:
     return jax.jit(make, out_shardings=shardings)(), shardings
   return jax.jit(lambda p: make(params=p), out_shardings=shardings)(params), shardings
+
+
+def state_factory(cfg: Config):
+  """`init_state` for `cfg` as a function of (params=None, boxed=False). States made by
+  one factory share their static fields, so they and their shardings are one pytree type."""
+  module = models.build(cfg.model)
+  objective = objectives.get(cfg.data.objective)
+  trainable = peft.trainable_pattern(cfg.model.peft, cfg.train.trainable)
+  return functools.partial(init_state, module, functools.partial(objective.loss, module),
+                           make_optimizer(cfg.train), objective.example_batch(cfg, 1),
+                           cfg.train.seed, trainable, cfg.train.microbatches)
+
+
+def state_shardings(make, mesh):
+  """NamedShardings of the state `make` builds, on `mesh`, by logical names (traced only)."""
+  return parallel.tree_shardings(jax.eval_shape(functools.partial(make, boxed=True)), mesh)
 
 
 def _initial_params(cfg: Config, base_params) -> dict:
@@ -65,9 +75,11 @@ def _initial_params(cfg: Config, base_params) -> dict:
 
 def compiled_steps(state_shardings, mesh):
   batch_sh = parallel.batch_sharding(mesh)
-  train = jax.jit(train_step, in_shardings=(state_shardings, batch_sh),
+  train = jax.jit(parallel.with_activation_rules(train_step, mesh),
+                  in_shardings=(state_shardings, batch_sh),
                   out_shardings=(state_shardings, None), donate_argnums=0)
-  evaluate = jax.jit(eval_step, in_shardings=(state_shardings, batch_sh))
+  evaluate = jax.jit(parallel.with_activation_rules(eval_step, mesh),
+                     in_shardings=(state_shardings, batch_sh))
   return train, evaluate
 
 
@@ -89,7 +101,8 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   """
   base_params = None
   if cfg.train.init_from:
-    base_cfg, base_params, tokenizer_file = init_from.pretrained(cfg.train.init_from)
+    base_cfg, base_params, tokenizer_file = init_from.pretrained(cfg.train.init_from,
+                                                                 cfg.train.init_from_pickle)
     cfg = init_from.resolve(cfg, base_cfg, tokenizer_file)
   ckpt.check_writable(workdir)
   lock = safety.WorkdirLock(workdir)
@@ -104,6 +117,8 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
 
 def _run(cfg, workdir, base_params, lock, preemption, progress):
   tcfg, dcfg = cfg.train, cfg.data
+  mesh = parallel.make_mesh(cfg.parallel)  # before any data or compile: a bad mesh fails now
+  parallel.check_fits_mesh(cfg, mesh)
   has_checkpoint = os.path.isdir(ckpt.checkpoint_dir(workdir)) and any(
       name.isdigit() for name in os.listdir(ckpt.checkpoint_dir(workdir)))
   ckpt.check_config(workdir, cfg, resuming=has_checkpoint)
@@ -113,8 +128,6 @@ def _run(cfg, workdir, base_params, lock, preemption, progress):
   train_rows = objective.rows(cfg, tokenizer, dcfg.train_split)
   eval_rows = objective.rows(cfg, tokenizer, dcfg.eval_split)
   make_batch = objective.batches(cfg, tokenizer)
-  mesh = parallel.make_mesh(cfg.parallel)
-  parallel.check_batch_divisible(dcfg.batch_size, mesh, tcfg.microbatches)
 
   os.makedirs(workdir, exist_ok=True)  # every check passed: the run may write now
   lock.acquire()
@@ -140,13 +153,13 @@ def _run(cfg, workdir, base_params, lock, preemption, progress):
   if resuming:
     log.info("resumed from step %d of %s", int(state.step), workdir)
   metrics_lib.keep_records_through(workdir, int(state.step))
-  batches = data_lib.BatchIterator(train_rows, dcfg.batch_size, dcfg.shuffle_seed,
+  batches = data_lib.train_batches(train_rows, dcfg.batch_size, dcfg.shuffle_seed,
                                    state=data_state, process_index=jax.process_index(),
                                    process_count=jax.process_count())
   eval_set = objective.eval_set(cfg, tokenizer, eval_rows)
   train_fn, eval_fn = compiled_steps(shardings, mesh)
 
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, tcfg.tensorboard)
   lr_at = schedule(tcfg)
   flops_per_token = scaling.train_flops_per_token(cfg.model, dcfg.seq_len)
   peak = tcfg.peak_flops or measure_matmul_peak()
@@ -170,6 +183,7 @@ def _run(cfg, workdir, base_params, lock, preemption, progress):
         bar.set_postfix(loss=f"{last['train_loss']:.3f}")
   finally:  # a failing run still completes its in-flight save: the last checkpoint is whole
     bar.close()
+    writer.close()
     try:
       ckpt.wait(mgr)
     finally:
@@ -213,7 +227,8 @@ def _train_one(step, state, last, batches, make_batch, train_fn, eval_fn, eval_s
     last = {"step": step, **metrics, "learning_rate": float(lr_at(step - 1)),
             "step_seconds": seconds,
             "tokens_per_s": cfg.data.batch_size * cfg.data.seq_len / seconds,
-            "mfu": flops_per_step_per_peak / seconds, "nonfinite_steps": clock["nonfinite"]}
+            "mfu": flops_per_step_per_peak / seconds, "nonfinite_steps": clock["nonfinite"],
+            **batches.metrics}
     writer.write(last)
   if step % tcfg.eval_every == 0 or step == tcfg.steps:
     evals = evaluate_loss(eval_fn, state, eval_set, mesh)

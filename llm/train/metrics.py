@@ -13,14 +13,20 @@ import numpy as np
 from llm.train import safety
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsWriter:
-  """Appends one JSON object per record to WORKDIR/metrics.jsonl (process 0 only)."""
+  """Appends one JSON object per record to WORKDIR/metrics.jsonl (process 0 only) and,
+  with `tensorboard`, its scalars to WORKDIR/tensorboard/ for TensorBoard's UI."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, tensorboard: bool = False):
     self.path = os.path.join(workdir, METRICS_FILE)
     self.enabled = jax.process_index() == 0
+    self.events = None
+    if tensorboard and self.enabled:
+      from tensorboardX import SummaryWriter
+      self.events = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), flush_secs=10)
 
   def write(self, record: dict) -> None:
     if not self.enabled:
@@ -28,6 +34,14 @@ class MetricsWriter:
     clean = {k: to_plain(v) for k, v in record.items()}
     with safety.disk_errors(f"writing {self.path}"), open(self.path, "a") as f:
       f.write(json.dumps(clean) + "\n")
+    if self.events is not None:
+      for key, value in clean.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+          self.events.add_scalar(key, value, clean["step"])
+
+  def close(self) -> None:
+    if self.events is not None:  # tensorboardX writes from a queue: close drains it
+      self.events.close()
 
 
 def to_plain(value):
