@@ -46,8 +46,13 @@ def param_count(cfg: ModelConfig, include_embeddings: bool = True, active: bool 
   moe_mlp = d * experts + mlp * (min(cfg.moe.top_k, experts) if active else experts)
   total = (first + second) * (attn + mlp) + second * attn + moe_layers * (moe_mlp - mlp)
   if include_embeddings:
-    total += cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    total += cfg.max_len * d if cfg.positions == "learned" else 0
+    if cfg.family == "encoder":  # the MLM head's transform and the pooler (no FLOPs counted)
+      total += 2 * d * d
+    total += cfg.vocab_size * d * (1 if cfg.tie_embeddings or cfg.family == "encoder" else 2)
+    if cfg.positions == "learned":  # a table per stack; RoBERTa / BART rows in front
+      offset = 0 if cfg.family == "decoder" else cfg.position_offset
+      total += (2 if second else 1) * (cfg.max_len + offset) * d
+    total += cfg.type_vocab_size * d
   return total
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,23 +33,79 @@ def trained(tmp_path_factory):
   return workdir, cache, result
 
 
-def test_pretrain_clm_two_steps(trained):
-  workdir, _, result = trained
+def _summary(result) -> dict:
+  return json.loads(next(l for l in result.stdout.splitlines() if l.startswith("{")))
+
+
+def _records(workdir) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _assert_summary_is_the_runs(summary, workdir, keys, vocab=512):
+  """The printed losses are the run's last ones in metrics.jsonl, and those of a model
+  two steps from its init: about ln(vocab) (near-uniform predictions)."""
+  records = _records(workdir)
+  assert summary["step"] == 2 == records[-1]["step"]
+  for printed, recorded in keys.items():
+    value = next(r[recorded] for r in reversed(records) if recorded in r)
+    assert summary[printed] == value and abs(value - np.log(vocab)) < 0.3, (printed, value)
+
+
+def test_pretrain_clm_two_steps(trained, monkeypatch):
+  workdir, cache, result = trained
   assert result.returncode == 0, result.stderr[-2000:]
-  summary = json.loads(next(l for l in result.stdout.splitlines() if l.startswith("{")))
-  assert summary["step"] == 2 and summary["eval_loss"] > 0
-  assert summary["eval_unigram_entropy"] > 0
-  assert "---" in result.stdout  # a sample was printed
+  summary = _summary(result)
+  _assert_summary_is_the_runs(summary, workdir, {"train_loss": "train_loss",
+                                                 "eval_loss": "eval_loss"})
+  assert summary["tokens_per_s"] > 0 and 0 < summary["mfu"]
+  # The unigram entropy is that of the evaluation rows' weighted targets, recomputed here.
+  from llm import data
+  from llm.train import checkpoint as ckpt
+  monkeypatch.setenv("LLM_CACHE", cache)  # the run's cached rows: nothing is rebuilt
+  cfg = ckpt.read_config(workdir)
+  rows = data.build_dataset(cfg.data, data.Tokenizer.load(f"{workdir}/tokenizer.model"),
+                            cfg.data.eval_split)
+  counts = np.bincount(rows["targets"][rows["weights"] > 0])
+  p = counts[counts > 0] / counts.sum()
+  assert summary["eval_unigram_entropy"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-9)
+  # One sample (--config.train.num_samples=1), from the first validation document's words.
+  from llm.train import loop
+  [prompt] = loop.sample_prompts(cfg)
+  [sample] = [l for l in result.stdout.splitlines() if l.startswith("--- ")]
+  assert len(prompt.split()) == 3 and sample.startswith(f"--- {prompt!r} -> {prompt}")
 
 
-def test_generate_from_the_workdir(trained):
+def test_generate_from_the_workdir_prints_the_greedy_continuation(trained):
   workdir, cache, _ = trained
   result = _run("experiments.generate", "--workdir", workdir, "--prompt", "The",
                 "--prompt", "Return", "--max_new_tokens", "4", "--temperature", "0",
                 cache=cache)
   assert result.returncode == 0, result.stderr[-2000:]
-  lines = result.stdout.strip().splitlines()
-  assert lines[0].startswith("The") and any(l.startswith("Return") for l in lines)
+  # The same continuation, decoded one full forward pass per token here.
+  import jax
+  from llm import models
+  from llm.inference import untrained_ids
+  from llm.inference.workdir import continuation_text
+  from llm.train import loop
+  cfg, params, tokenizer = loop.load(workdir)
+  apply = jax.jit(models.build(cfg.model).apply)
+  banned = list(untrained_ids(tokenizer))
+  want = []
+  for prompt in ("The", "Return"):
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    seq = np.zeros((1, 16), np.int32)  # one compiled shape; causal, so the tail is unseen
+    seq[0, :len(ids)] = ids
+    new = []
+    for i in range(len(ids), len(ids) + 4):
+      logits = np.array(apply({"params": params}, seq)[0, i - 1])
+      logits[banned] = -np.inf
+      seq[0, i] = int(np.argmax(logits))
+      new.append(int(seq[0, i]))
+      if new[-1] == tokenizer.eos_id:
+        break
+    want.append(prompt + continuation_text(tokenizer, ids, new))
+  assert result.stdout.splitlines() == want
 
 
 def test_bad_flags_fail_with_one_line_and_no_traceback(trained, tmp_path):
@@ -75,8 +132,9 @@ def test_other_families_two_steps(module, config, tmp_path):
                                             and "num_samples" not in f], *extra,
                 "--config.data.max_documents=400", cache=str(tmp_path / "cache"))
   assert result.returncode == 0, result.stderr[-2000:]
-  summary = json.loads(next(l for l in result.stdout.splitlines() if l.startswith("{")))
-  assert summary["step"] == 2
+  keys = ({"train_mlm_loss": "train_loss", "eval_mlm_loss": "eval_loss"} if "mlm" in module
+          else {"train_loss": "train_loss", "eval_loss": "eval_loss"})
+  _assert_summary_is_the_runs(_summary(result), str(tmp_path / "run"), keys)
 
 
 def test_lora_then_evaluate_with_the_adapter(trained, tmp_path):

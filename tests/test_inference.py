@@ -18,23 +18,46 @@ def _draws(cfg, n=400):
   return np.asarray(jax.vmap(lambda k: sample(k, LOGITS, cfg)[0])(keys))  # (n, B)
 
 
-def test_top_k_never_emits_outside_the_k_most_likely():
-  draws = _draws(SamplingConfig(temperature=1.5, top_k=5))
-  top5 = np.argsort(-np.asarray(LOGITS), axis=-1)[:, :5]
-  for row in range(LOGITS.shape[0]):
-    assert set(draws[:, row]) <= set(top5[row])
-    assert len(set(draws[:, row])) > 1  # still random within the k
+def _reference_distribution(logits, temperature, top_k=0, top_p=1.0):
+  """What `sample` should draw from, in float64 NumPy: softmax(logits / temperature),
+  its top_k most likely tokens, then the nucleus (mass before a token < top_p) of those
+  renormalised, renormalised again."""
+  z = np.asarray(logits, np.float64) / temperature
+  probs = np.exp(z - z.max(-1, keepdims=True))
+  out = np.zeros_like(probs)
+  for row, p in enumerate(probs / probs.sum(-1, keepdims=True)):
+    keep = np.argsort(-p, kind="stable")[:top_k or None]
+    q = p[keep] / p[keep].sum()
+    keep = keep[np.cumsum(q) - q < top_p]
+    out[row, keep] = p[keep] / p[keep].sum()
+  return out
 
 
-def test_top_p_never_emits_outside_the_nucleus():
-  p = 0.6
-  draws = _draws(SamplingConfig(temperature=1.0, top_p=p))
-  probs = np.asarray(jax.nn.softmax(LOGITS, -1))
+@pytest.mark.parametrize("settings", [dict(temperature=1.5, top_k=5),
+                                      dict(temperature=0.7, top_p=0.8),
+                                      dict(temperature=1.0, top_k=12, top_p=0.9)])
+def test_sampling_frequencies_match_the_renormalised_distribution(settings):
+  """20,000 draws per row in one jitted call: a chi-square statistic (the rarest bins
+  pooled to an expected count of 5) within its 1 - 1e-6 quantile, and nothing outside the support. Uniform
+  sampling within top-k, a temperature applied after the filters or not at all fail."""
+  from scipy import stats
+  n = 20_000
+  cfg = SamplingConfig(**settings)
+  keys = jax.random.split(jax.random.PRNGKey(11), n)
+  draws = np.asarray(jax.jit(jax.vmap(lambda k: sample(k, LOGITS, cfg)[0]))(keys))
+  want, degrees = _reference_distribution(LOGITS, **settings), 0
   for row in range(LOGITS.shape[0]):
-    order = np.argsort(-probs[row])
-    mass_before = np.cumsum(probs[row][order]) - probs[row][order]
-    nucleus = set(order[mass_before < p])
-    assert set(draws[:, row]) <= nucleus
+    counts = np.bincount(draws[:, row], minlength=LOGITS.shape[1])
+    assert not counts[want[row] == 0].any()
+    order = np.argsort(want[row])[::-1][:(want[row] > 0).sum()][::-1]  # support, rarest first
+    expected, observed = n * want[row][order], counts[order]
+    pool = np.searchsorted(np.cumsum(expected), 5.0) + 1  # the rarest bins, pooled to >= 5
+    expected = np.append(expected[pool:], expected[:pool].sum())
+    observed = np.append(observed[pool:], observed[:pool].sum())
+    chi2 = ((observed - expected) ** 2 / expected).sum()
+    degrees += len(expected) - 1  # 0 for a one-token nucleus: the support check above
+    assert chi2 <= stats.chi2.ppf(1 - 1e-6, max(len(expected) - 1, 1)), (row, chi2, expected)
+  assert degrees >= 3  # the rows together do test frequencies
 
 
 def test_filters_keep_exactly_the_expected_sets():

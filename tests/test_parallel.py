@@ -7,8 +7,11 @@ sharding and the arithmetic, as they are. States are placed from one host-side s
 family, so no `init` is compiled per mesh.
 """
 
+import types
+
 import jax
 import numpy as np
+import optax
 import pytest
 
 from llm import config as config_lib
@@ -40,7 +43,11 @@ def _batch(seed=0, batch=8, seq_len=16, vocab=64) -> dict:
           "segment_ids": np.ones((batch, seq_len), np.int32),
           "encoder_segment_ids": np.ones((batch, seq_len), np.int32),
           "positions": np.tile(np.arange(seq_len, dtype=np.int32), (batch, 1)),
-          "weights": (rng.random((batch, seq_len)) < 0.8).astype(np.float32)}
+          # Token weights far from uniform (a quarter zero, rows weighted 1..64 apart): the
+          # loss is one mean over all weighted tokens, so a mean of per-device or
+          # per-micro-batch means, or a gradient summed over them, changes loss or gradient.
+          "weights": (rng.choice([0.0, 0.5, 1.0, 2.0], (batch, seq_len))
+                      * np.arange(1, batch + 1)[:, None] ** 2).astype(np.float32)}
 
 
 def _config(family, mesh_shape=(1, 1, 1, 1), microbatches=1):
@@ -96,7 +103,9 @@ def _family(families, name) -> Family:
 
 def _assert_same_step(a, b):
   (state_a, metrics_a), (state_b, metrics_b) = a, b
-  np.testing.assert_allclose(metrics_a["train_loss"], metrics_b["train_loss"], rtol=1e-5)
+  # grad_norm is the gradient's scale, which Adam's first step hides from the params.
+  for key in ("train_loss", "grad_norm", "tokens"):
+    np.testing.assert_allclose(metrics_a[key], metrics_b[key], rtol=2e-5, err_msg=key)
   # Adam's first update is ~lr * sign(g), so f32 reduction-order noise in tiny gradients
   # shows up at ~1e-6 in the params: compare at 2e-5 (the update itself is ~1e-3).
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5),
@@ -147,6 +156,25 @@ def test_checkpoint_restores_onto_another_mesh_and_device_count(families, tmp_pa
     state, metrics, _ = family.step(restored, mesh_shape, _batch(1))
     _assert_same_step((state, metrics), (ref_2, ref_metrics))
   mgr.close()
+
+
+def test_the_one_device_step_takes_the_gradient_of_the_weighted_mean_loss(families):
+  """The reference of every mesh and of accumulation, against sum(w * nll) / sum(w)
+  differentiated directly: the loss, the gradient's norm and the params after the update."""
+  family = _family(families, "encoder")
+  state, batch = family.host_state, _batch()
+
+  def direct(params):
+    loss = lambda p: (lambda sums: sums["loss_sum"] / sums["weight_sum"])(
+        state.loss_fn(p, state.frozen, batch, None)[0])
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, _ = state.tx.update(grads, state.opt_state, params)
+    return value, optax.tree.norm(grads), optax.apply_updates(params, updates)
+  value, grad_norm, params = jax.device_get(
+      jax.jit(direct).lower(state.params).compile(FAST_COMPILE)(state.params))
+  stepped, metrics, _ = family.step(state, (1, 1, 1, 1), batch)
+  _assert_same_step((stepped, metrics), (types.SimpleNamespace(params=params), {
+      "train_loss": value, "grad_norm": grad_norm, "tokens": batch["weights"].sum()}))
 
 
 def test_gradient_accumulation_equals_full_batch(families):
