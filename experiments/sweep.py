@@ -32,10 +32,12 @@ _ENTRY = flags.DEFINE_string("entry_point", "", "Run each trial as `python -m EN
 @one_line_errors
 def main(argv):
   del argv
+  import optuna
   from absl import logging
 
   from llm.sweep import report, runner, spec
   logging.set_verbosity(logging.WARNING)
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
   config_spec = config_flags.get_config_filename(flags.FLAGS["config"])
   _, trials, _, _ = spec.load_sweep_file(config_spec)
   overrides = config_flags.get_override_values(flags.FLAGS["config"])

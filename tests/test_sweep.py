@@ -256,7 +256,7 @@ def _fixture_trial(sweep_dir, name, d_model, budget, loss, status="complete"):
       f.write(json.dumps({"step": step, "eval_loss": value}) + "\n")
   results.record(workdir, name, "running", 0.0)
   results.record(workdir, name, status, 12.5, None if status == "complete" else "boom")
-  return {"overrides": {"model.d_model": d_model, "train.steps": steps},
+  return {"overrides": {"model.d_model": d_model, "model.d_ff": 4 * d_model, "train.steps": steps},
           "tags": {"budget": budget}}, params, steps
 
 
@@ -288,7 +288,8 @@ def test_report_tables_and_plots_from_metrics_files(tmp_path):
     assert float(row["wall_s"]) == 12.5 and row["tag.budget"] in ("1000000000.0", "10000000000.0")
   assert rows["failed"]["status"] == "failed" and rows["failed"]["error"] == "boom"
   md = open(os.path.join(sweep_dir, report.MD_FILE)).read()
-  assert "6 complete, 1 failed of 7 trials." in md and "| C1e+09_d16 | complete | 16 |" in md
+  assert "6 complete, 1 failed of 7 trials (" in md and "| C1e+09_d16 | complete | 1e+09 | 16 | " \
+      f"{expected['C1e+09_d16'][2]} |" in md  # d_ff = 4 d_model is left out: it adds nothing
   assert "## IsoFLOP fit" in md and "Chinchilla: about 20" in md
   pngs = sorted(os.path.basename(p) for p in written["files"] if p.endswith(".png"))
   assert pngs == ["by_model_d_model.png", "by_tag_budget.png", "by_train_steps.png",

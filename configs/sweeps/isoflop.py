@@ -12,7 +12,7 @@ against log N per budget, marks the optimum and fits N*(C), D*(C) as power laws.
 Budgets 3e11, 1e12, 3e12 FLOPs fit a 2-core CPU: about 30-40 minutes idle (`quick`:
 budgets / 10, a few minutes, for checking the pipeline). The embedded corpus has about
 0.67M training tokens at this vocabulary, so the smallest models of the largest budget
-see it several times (the report's tokens column says how often).
+see it several times (tokens / 0.67M epochs).
 """
 
 import math

@@ -17,6 +17,8 @@ import sys
 import time
 import traceback
 
+import optuna
+
 from llm.sweep import results, study as study_lib
 
 log = logging.getLogger("llm.sweep")
@@ -82,6 +84,7 @@ def work(sweep_dir: str, storage_url: str, study_name: str, run_trial=None) -> i
   log.addHandler(handler)
   log.setLevel(logging.INFO)
   log.propagate = False
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   signal.signal(signal.SIGTERM, _stop_on_signal)
   signal.signal(signal.SIGINT, _stop_on_signal)
