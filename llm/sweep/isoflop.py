@@ -107,6 +107,7 @@ def plot(points: Sequence[dict], analysis: dict, isoflop_path: str, laws_path: s
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for i, r in enumerate(analysis["budgets"]):
@@ -121,6 +122,9 @@ def plot(points: Sequence[dict], analysis: dict, isoflop_path: str, laws_path: s
       ax.scatter([r["params_opt"]], [r["loss_opt"]], color=color, marker="*", s=180,
                  edgecolor="black", zorder=3)
   ax.set_xscale("log")
+  ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))  # 20k, 50k, 100k
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.EngFormatter())
+  ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())
   ax.set_xlabel("parameters N")
   ax.set_ylabel("final eval loss (nats/token)")
   ax.set_title("IsoFLOP curves (star: fitted optimum)")
@@ -145,6 +149,8 @@ def plot(points: Sequence[dict], analysis: dict, isoflop_path: str, laws_path: s
           label="Chinchilla N* (D = 20 N)")
   ax.set_xscale("log")
   ax.set_yscale("log")
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  ax.set_xticks(c, [f"{b:.0e}" for b in c])  # the budgets themselves
   ax.set_xlabel("compute C (FLOPs)")
   ax.set_title("Compute-optimal params and tokens")
   ax.legend(fontsize=8)

@@ -104,6 +104,9 @@ def write(sweep_dir: str) -> dict:
   md = [f"# Sweep {definition['config']}", "",
         ", ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(table)} trials "
         f"(every field and metric: {CSV_FILE}).", "", markdown_table(table, summary)]
+  for stale in os.listdir(sweep_dir):  # plots of fields an earlier report showed
+    if stale.startswith("by_") and stale.endswith(".png"):
+      os.remove(os.path.join(sweep_dir, stale))
   files += _plot_curves(sweep_dir, definition, table)
   for field in shown:
     files += _plot_field(sweep_dir, table, field)
@@ -135,8 +138,8 @@ def _plot_curves(sweep_dir: str, definition: dict, table: list[dict]) -> list[st
   """Eval loss against tokens seen (comparable across batch sizes and step counts)."""
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7.5, 4.5))
-  drawn = 0
-  for row in table:
+  drawn, colors = 0, plt.get_cmap("tab20").colors  # 20 distinct colours, then line styles
+  for index, row in enumerate(table):
     workdir = os.path.join(sweep_dir, row["trial"])
     saved = results.read_json(os.path.join(workdir, results.CONFIG_FILE))
     points = results.curve(results.read_metrics(workdir))
@@ -144,6 +147,7 @@ def _plot_curves(sweep_dir: str, definition: dict, table: list[dict]) -> list[st
       continue
     per_step = saved["data"]["batch_size"] * saved["data"]["seq_len"]
     ax.plot([s * per_step for s, _ in points], [v for _, v in points], marker=".",
+            color=colors[index % 20], linestyle=("-", "--", ":")[index // 20 % 3],
             label=row["trial"])
     drawn += 1
   if not drawn:
