@@ -10,9 +10,9 @@ import dataclasses
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments.common import one_line_errors
+from experiments import cli
 from llm import peft, train
 from llm.eval.report import evaluate_model, markdown_table
 
@@ -29,7 +29,7 @@ _LM = flags.DEFINE_string("lm_source", "embedded", "Text whose perplexity is rep
 _OUT = flags.DEFINE_string("out", None, "Directory for results.json and results.md.")
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -58,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

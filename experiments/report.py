@@ -6,7 +6,7 @@ end of every sweep), and prints the table.
 
 from absl import app
 
-from experiments.common import one_line_errors
+from experiments.cli import one_line_errors
 
 
 @one_line_errors

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments.common import one_line_errors
+from experiments.cli import one_line_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep file FILE.py[:ARG] with "
                                           "get_config(arg) and get_sweep(arg).")

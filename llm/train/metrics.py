@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm.train import safety
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -30,7 +32,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     clean = {k: to_plain(v) for k, v in record.items()}
-    with open(self.path, "a") as f:
+    with safety.disk_errors(f"writing {self.path}"), open(self.path, "a") as f:
       f.write(json.dumps(clean) + "\n")
     if self.events is not None:
       for key, value in clean.items():
@@ -57,7 +59,45 @@ def read_metrics(workdir: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:  # only the last line can be cut short by a kill or a full disk
+        raise ValueError(f"{path}: line {i + 1} is not JSON; fix or delete that line") from None
+  return records
+
+
+def keep_records_through(workdir: str, step: int) -> None:
+  """Drops the records of steps after `step`: a resumed run replays the steps after its
+  checkpoint, which an interrupted run may already have logged."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill is dropped
+      pass
+  if len(kept) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def latest(workdir: str) -> dict:
+  """The newest value of every metric in metrics.jsonl (train and eval records merged)."""
+  merged: dict = {}
+  for record in read_metrics(workdir):
+    merged.update(record)
+  return merged
 
 
 def plot_losses(workdir: str, out_name: str = "loss.png") -> str | None:
