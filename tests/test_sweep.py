@@ -329,22 +329,22 @@ def test_isoflop_fit_recovers_a_known_optimum():
   assert analysis["params_law"]["exponent"] == pytest.approx(0.5, abs=1e-6)
   assert analysis["params_law"]["coefficient"] == pytest.approx(0.05, rel=1e-5)
   assert analysis["tokens_law"]["exponent"] == pytest.approx(0.5, abs=1e-6)
-  # Chinchilla's parametric loss E + A/N^a + B/D^b on D = C/6N: the optimum is known in
-  # closed form, N* = G (C/6)^(b/(a+b)), G = (aA/(bB))^(1/(a+b)); the parabola is only an
-  # approximation of that curve, so it lands near it.
-  e, a_coef, b_coef, alpha, beta = 1.69, 406.4, 410.7, 0.34, 0.28
-  g = (alpha * a_coef / (beta * b_coef)) ** (1 / (alpha + beta))
+  # Chinchilla's parametric loss E + A/N^a + B/D^b on D = C/6N has its optimum in closed
+  # form (llm.scaling.chinchilla_optimal's "fit"); the parabola only approximates that
+  # curve, so it lands near it.
   points = []
   for budget in (1e18, 1e19, 1e20):
-    optimum = g * (budget / 6) ** (beta / (alpha + beta))
+    optimum = scaling.chinchilla_optimal(budget)["fit"]["params"]
     for n in optimum * np.exp(np.linspace(-1.5, 1.5, 7)):
-      loss = e + a_coef / n ** alpha + b_coef / (budget / (6 * n)) ** beta
-      points.append({"budget": budget, "params": n, "loss": loss})
+      points.append({"budget": budget, "params": n,
+                     "loss": scaling.hoffmann_loss(n, budget / (6 * n))})
   analysis = isoflop.analyze(points)
   for row in analysis["budgets"]:
-    assert row["params_opt"] == pytest.approx(g * (row["budget"] / 6) ** (beta / (alpha + beta)),
-                                              rel=0.1)
-  assert analysis["params_law"]["exponent"] == pytest.approx(beta / (alpha + beta), abs=0.01)
+    assert row["params_opt"] == pytest.approx(
+        scaling.chinchilla_optimal(row["budget"])["fit"]["params"], rel=0.1)
+  h = scaling.HOFFMANN
+  assert analysis["params_law"]["exponent"] == pytest.approx(
+      h["beta"] / (h["alpha"] + h["beta"]), abs=0.01)
   with pytest.raises(ValueError, match=">= 3 finished sizes"):
     isoflop.fit_budget([1e5, 2e5], [3.0, 3.1])
 

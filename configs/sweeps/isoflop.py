@@ -62,7 +62,7 @@ def get_sweep(arg: str = "") -> list[dict]:
   ladder = [(_model(*rung), _params(base, _model(*rung))) for rung in LADDER]
   trials = []
   for budget in _budgets(arg or ""):
-    predicted = math.sqrt(budget / (6 * isoflop.CHINCHILLA_TOKENS_PER_PARAM))
+    predicted = scaling.chinchilla_optimal(budget)["rule"]["params"]
     starts = range(len(ladder) - SIZES_PER_BUDGET + 1)
     start = min(starts, key=lambda s: abs(sum(
         math.log(n / predicted) for _, n in ladder[s:s + SIZES_PER_BUDGET])))

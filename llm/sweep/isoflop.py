@@ -14,7 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
-CHINCHILLA_TOKENS_PER_PARAM = 20.0
+from llm import scaling
+
+CHINCHILLA_TOKENS_PER_PARAM = scaling.chinchilla_tokens(1.0)
 
 
 def tokens_for_budget(budget: float, params: int) -> float:
@@ -145,8 +147,8 @@ def plot(points: Sequence[dict], analysis: dict, isoflop_path: str, laws_path: s
     fit = analysis[law]
     ax.plot(grid, fit["coefficient"] * grid ** fit["exponent"], alpha=0.6,
             label=f"{fit['coefficient']:.2g} C^{fit['exponent']:.2f}")
-  ax.plot(grid, np.sqrt(grid / (6 * CHINCHILLA_TOKENS_PER_PARAM)), "k--", alpha=0.4,
-          label="Chinchilla N* (D = 20 N)")
+  ax.plot(grid, [scaling.chinchilla_optimal(c)["rule"]["params"] for c in grid], "k--",
+          alpha=0.4, label="Chinchilla N* (D = 20 N)")
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
