@@ -93,18 +93,21 @@ def test_bad_sweeps_fail_before_any_trial_runs(tmp_path):
   with pytest.raises(ConfigError, match="config.train.steps='many'"):
     spec.expand(base, [{"train.steps": "many"}])
   # A directory holding another sweep (or anything else) is refused.
-  runner.prepare(str(path), base, trials[:2], target, {})
+  runner.record(target, runner.prepare(str(path), base, trials[:2], target, {}))
   with pytest.raises(ValueError, match="holds another sweep .*trial 'shuffle_seed=0' is "
                                        r"defined differently\); use a new --workdir"):
     runner.prepare(str(path), base, [{"name": "shuffle_seed=0", "train.steps": 5}], target, {})
   with pytest.raises(ValueError, match="is not empty and holds no sweep.json"):
     runner.prepare(str(path), base, trials[:2], str(tmp_path), {})
-  # An unreachable storage fails in seconds, naming the URL.
+  # An unreachable storage fails in seconds, naming the URL, before the sweep is recorded.
+  fresh = str(tmp_path / "fresh")
+  definition = runner.prepare(str(path), base, trials[:2], fresh, {})
   for url in ("sqlite:////nonexistent_dir/sweep.db", "postgresql://u@127.0.0.1:9/db"):
     start = time.perf_counter()
     with pytest.raises(ValueError, match=f"--storage {url}: cannot be reached"):
-      study.open_storage(url)
+      runner.launch(fresh, definition, url)
     assert time.perf_counter() - start < 10
+  assert not os.path.exists(fresh)
 
 
 # --- the runner, end to end ---------------------------------------------------------------
@@ -190,7 +193,7 @@ def test_rerun_skips_finished_resumes_interrupted_and_retries_failed(first_run, 
   for key, value in _worker_env(cache).items():
     monkeypatch.setenv(key, value)
   capfd.readouterr()
-  states = runner.launch(workdir, retry_failed=True)
+  states = runner.launch(workdir, definition, retry_failed=True)
   assert states == {"shuffle_seed=0": "complete", "shuffle_seed=1": "complete",
                     "shuffle_seed=2": "complete", "broken": "failed", "resumed": "complete"}
   started = [l.split("trial ")[1].split(":")[0] for l in capfd.readouterr().err.splitlines()

@@ -43,7 +43,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   cfg = gpt.get_config("tiny")
   cfg.model.update(dict(vocab_size=VOCAB, max_len=SEQ_LEN))
   cfg.data.update(dict(seq_len=SEQ_LEN, batch_size=BATCH))
-  cfg.train.update(dict(learning_rate=3e-3, eval_batches=0))  # all validation
+  # eval_batches is capped at the split's size: all of the validation split.
+  cfg.train.update(dict(learning_rate=3e-3, eval_batches=1000))
   return cfg
 
 
