@@ -13,13 +13,13 @@ checkpoints, and retries failed ones with --retry_failed.
 
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments.cli import one_line_errors
+from experiments import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep file FILE.py[:ARG] with "
-                                          "get_config(arg) and get_sweep(arg).")
+# --config FILE.py[:ARG]: a sweep file with get_config(arg) and get_sweep(arg) (required;
+# the default only keeps the shared parser's contract).
+_CONFIG = cli.ConfigFlag("configs/sweeps/isoflop.py:quick")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep directory: DIR/<trial> per trial.",
                                required=True)
 _STORAGE = flags.DEFINE_string("storage", "", "Optuna database URL (default: SQLite in DIR).")
@@ -29,21 +29,26 @@ _ENTRY = flags.DEFINE_string("entry_point", "", "Run each trial as `python -m EN
                              "(default: the train loop, in-process in each worker).")
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
+  import optuna
   from absl import logging
 
   from llm.sweep import report, runner, spec
   logging.set_verbosity(logging.WARNING)
-  config_spec = config_flags.get_config_filename(flags.FLAGS["config"])
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
+  _, config_spec, overrides, _ = cli.split_args(sys.argv, takes_config=True)
+  if config_spec is None:
+    raise ValueError("--config is required: --config FILE.py[:ARG], a sweep file such as "
+                     "configs/sweeps/isoflop.py")
   _, trials, _, _ = spec.load_sweep_file(config_spec)
-  overrides = config_flags.get_override_values(flags.FLAGS["config"])
-  definition = runner.prepare(config_spec, _CONFIG.value, trials, _WORKDIR.value, overrides,
-                              _ENTRY.value)
+  definition = runner.prepare(config_spec, _CONFIG.value, trials, _WORKDIR.value,
+                              dict(overrides), _ENTRY.value)
   print(f"sweep {config_spec}: {len(definition['trials'])} trials validated", flush=True)
   try:
-    states = runner.launch(_WORKDIR.value, _STORAGE.value, _WORKERS.value, _RETRY.value)
+    states = runner.launch(_WORKDIR.value, definition, _STORAGE.value, _WORKERS.value,
+                           _RETRY.value)
   except KeyboardInterrupt:
     print("interrupted: running trials saved their checkpoints; rerun the same command "
           "to resume", file=sys.stderr)
@@ -57,5 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main, _CONFIG)

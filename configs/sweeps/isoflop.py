@@ -12,7 +12,7 @@ against log N per budget, marks the optimum and fits N*(C), D*(C) as power laws.
 Budgets 3e11, 1e12, 3e12 FLOPs fit a 2-core CPU: about 30-40 minutes idle (`quick`:
 budgets / 10, a few minutes, for checking the pipeline). The embedded corpus has about
 0.67M training tokens at this vocabulary, so the smallest models of the largest budget
-see it several times (the report's tokens column says how often).
+see it several times (tokens / 0.67M epochs).
 """
 
 import math
@@ -43,7 +43,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   cfg = gpt.get_config("tiny")
   cfg.model.update(dict(vocab_size=VOCAB, max_len=SEQ_LEN))
   cfg.data.update(dict(seq_len=SEQ_LEN, batch_size=BATCH))
-  cfg.train.update(dict(learning_rate=3e-3, eval_batches=0))  # all validation
+  # eval_batches is capped at the split's size: all of the validation split.
+  cfg.train.update(dict(learning_rate=3e-3, eval_batches=1000))
   return cfg
 
 
@@ -62,7 +63,7 @@ def get_sweep(arg: str = "") -> list[dict]:
   ladder = [(_model(*rung), _params(base, _model(*rung))) for rung in LADDER]
   trials = []
   for budget in _budgets(arg or ""):
-    predicted = math.sqrt(budget / (6 * isoflop.CHINCHILLA_TOKENS_PER_PARAM))
+    predicted = scaling.chinchilla_optimal(budget)["rule"]["params"]
     starts = range(len(ladder) - SIZES_PER_BUDGET + 1)
     start = min(starts, key=lambda s: abs(sum(
         math.log(n / predicted) for _, n in ladder[s:s + SIZES_PER_BUDGET])))

@@ -14,7 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
-CHINCHILLA_TOKENS_PER_PARAM = 20.0
+from llm import scaling
+
+CHINCHILLA_TOKENS_PER_PARAM = scaling.chinchilla_tokens(1.0)
 
 
 def tokens_for_budget(budget: float, params: int) -> float:
@@ -107,6 +109,7 @@ def plot(points: Sequence[dict], analysis: dict, isoflop_path: str, laws_path: s
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for i, r in enumerate(analysis["budgets"]):
@@ -121,6 +124,9 @@ def plot(points: Sequence[dict], analysis: dict, isoflop_path: str, laws_path: s
       ax.scatter([r["params_opt"]], [r["loss_opt"]], color=color, marker="*", s=180,
                  edgecolor="black", zorder=3)
   ax.set_xscale("log")
+  ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))  # 20k, 50k, 100k
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.EngFormatter())
+  ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter())
   ax.set_xlabel("parameters N")
   ax.set_ylabel("final eval loss (nats/token)")
   ax.set_title("IsoFLOP curves (star: fitted optimum)")
@@ -141,10 +147,12 @@ def plot(points: Sequence[dict], analysis: dict, isoflop_path: str, laws_path: s
     fit = analysis[law]
     ax.plot(grid, fit["coefficient"] * grid ** fit["exponent"], alpha=0.6,
             label=f"{fit['coefficient']:.2g} C^{fit['exponent']:.2f}")
-  ax.plot(grid, np.sqrt(grid / (6 * CHINCHILLA_TOKENS_PER_PARAM)), "k--", alpha=0.4,
-          label="Chinchilla N* (D = 20 N)")
+  ax.plot(grid, [scaling.chinchilla_optimal(c)["rule"]["params"] for c in grid], "k--",
+          alpha=0.4, label="Chinchilla N* (D = 20 N)")
   ax.set_xscale("log")
   ax.set_yscale("log")
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  ax.set_xticks(c, [f"{b:.0e}" for b in c])  # the budgets themselves
   ax.set_xlabel("compute C (FLOPs)")
   ax.set_title("Compute-optimal params and tokens")
   ax.legend(fontsize=8)

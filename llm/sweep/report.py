@@ -20,13 +20,14 @@ METRIC_COLUMNS = ("train_loss", "eval_loss", "step", "tokens", "params", "active
 
 
 def fields_of(definition: dict) -> list[str]:
-  """The override and tag keys of all trials, in first-seen order."""
+  """The tag and override keys of all trials, tags first, in first-seen order."""
   seen: dict = {}
+  for trial in definition["trials"].values():
+    for key in trial["tags"]:
+      seen.setdefault(spec_lib.TAG + key, None)
   for trial in definition["trials"].values():
     for key in trial["overrides"]:
       seen.setdefault(key, None)
-    for key in trial["tags"]:
-      seen.setdefault(spec_lib.TAG + key, None)
   return list(seen)
 
 
@@ -45,6 +46,21 @@ def rows(sweep_dir: str, definition: dict) -> list[dict]:
 
 def varying(table: list[dict], fields: list[str]) -> list[str]:
   return [f for f in fields if len({repr(r.get(f)) for r in table}) > 1]
+
+
+def independent(table: list[dict], fields: list[str]) -> list[str]:
+  """The varying fields not fixed by an earlier kept one (a zipped d_ff = 4 d_model, or a
+  warmup derived from the steps, adds nothing to a plot or the summary table)."""
+  kept: list[str] = []
+  for field in varying(table, fields):
+    if not any(_determines(table, earlier, field) for earlier in kept):
+      kept.append(field)
+  return kept
+
+
+def _determines(table: list[dict], a: str, b: str) -> bool:
+  values: dict = {}
+  return all(values.setdefault(repr(r.get(a)), repr(r.get(b))) == repr(r.get(b)) for r in table)
 
 
 def _cell(value, column: str = "") -> str:
@@ -80,11 +96,19 @@ def write(sweep_dir: str) -> dict:
   files = [os.path.join(sweep_dir, CSV_FILE)]
   counts = {s: sum(r["status"] == s for r in table) for s in dict.fromkeys(
       r["status"] for r in table)}
+  shown = independent(table, fields)
+  summary = ["trial", "status", *shown, "train_loss", "eval_loss", "step", "tokens", "params",
+             *(["active_params"] if any(r.get("active_params") != r.get("params") for r in table)
+               else []), "flops", "wall_s", "tokens_per_s",
+             *(["error"] if any(r["error"] for r in table) else [])]
   md = [f"# Sweep {definition['config']}", "",
-        ", ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(table)} trials.", "",
-        markdown_table(table, [c for c in columns if c != "error" or any(r["error"] for r in table)])]
+        ", ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(table)} trials "
+        f"(every field and metric: {CSV_FILE}).", "", markdown_table(table, summary)]
+  for stale in os.listdir(sweep_dir):  # plots of fields an earlier report showed
+    if stale.startswith("by_") and stale.endswith(".png"):
+      os.remove(os.path.join(sweep_dir, stale))
   files += _plot_curves(sweep_dir, definition, table)
-  for field in varying(table, fields):
+  for field in shown:
     files += _plot_field(sweep_dir, table, field)
   analysis = None
   points = [{"budget": r[spec_lib.TAG + "budget"], "params": r["params"], "loss": r["eval_loss"]}
@@ -114,8 +138,8 @@ def _plot_curves(sweep_dir: str, definition: dict, table: list[dict]) -> list[st
   """Eval loss against tokens seen (comparable across batch sizes and step counts)."""
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7.5, 4.5))
-  drawn = 0
-  for row in table:
+  drawn, colors = 0, plt.get_cmap("tab20").colors  # 20 distinct colours, then line styles
+  for index, row in enumerate(table):
     workdir = os.path.join(sweep_dir, row["trial"])
     saved = results.read_json(os.path.join(workdir, results.CONFIG_FILE))
     points = results.curve(results.read_metrics(workdir))
@@ -123,6 +147,7 @@ def _plot_curves(sweep_dir: str, definition: dict, table: list[dict]) -> list[st
       continue
     per_step = saved["data"]["batch_size"] * saved["data"]["seq_len"]
     ax.plot([s * per_step for s, _ in points], [v for _, v in points], marker=".",
+            color=colors[index % 20], linestyle=("-", "--", ":")[index // 20 % 3],
             label=row["trial"])
     drawn += 1
   if not drawn:

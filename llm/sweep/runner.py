@@ -21,8 +21,8 @@ JOIN_TIMEOUT_S = 300  # after a stop signal: time for in-flight checkpoints to f
 
 def prepare(config_spec: str, base, trials: list[dict], sweep_dir: str,
             base_overrides: dict, entry_point: str = "") -> dict:
-  """Validates every trial's full config, then writes DIR/sweep.json. A DIR holding a
-  sweep may gain trials; one whose trials differ from these is refused."""
+  """Validates every trial's full config and checks DIR (nothing is written yet): a DIR
+  holding a sweep may gain trials; one whose trials differ from these is refused."""
   expanded = spec_lib.expand(base, trials)
   for trial in expanded.values():
     trial["hash"] = spec_lib.fingerprint({"entry_point": entry_point, **trial})
@@ -40,12 +40,16 @@ def prepare(config_spec: str, base, trials: list[dict], sweep_dir: str,
   elif os.path.isdir(sweep_dir) and os.listdir(sweep_dir):
     raise ValueError(f"--workdir {sweep_dir} is not empty and holds no "
                      f"{worker_lib.DEFINITION_FILE}; use a new or empty --workdir for a sweep")
+  return definition
+
+
+def record(sweep_dir: str, definition: dict) -> None:
+  """Writes DIR/sweep.json, which workers and the report read."""
   os.makedirs(sweep_dir, exist_ok=True)
   tmp = os.path.join(sweep_dir, worker_lib.DEFINITION_FILE + ".tmp")
   with open(tmp, "w") as f:
     json.dump(definition, f, indent=1, default=str)
   os.replace(tmp, os.path.join(sweep_dir, worker_lib.DEFINITION_FILE))
-  return definition
 
 
 def hashes(definition: dict) -> dict[str, str]:
@@ -56,15 +60,19 @@ def study_name(sweep_dir: str) -> str:
   return os.path.basename(os.path.abspath(sweep_dir))
 
 
-def launch(sweep_dir: str, storage_url: str = "", workers: int = 1,
+def launch(sweep_dir: str, definition: dict, storage_url: str = "", workers: int = 1,
            retry_failed: bool = False) -> dict:
-  """Queues the due trials and runs `workers` processes; returns {name: state} after."""
+  """Records the sweep (`prepare`'s definition), queues the due trials and runs `workers`
+  processes; returns {name: state} after. A storage that cannot be reached fails before
+  anything is written."""
   if workers < 1:
     raise ValueError(f"--workers={workers}: must be >= 1")
-  definition = worker_lib.read_definition(sweep_dir)
+  if not storage_url:
+    os.makedirs(sweep_dir, exist_ok=True)  # the SQLite file's home
   url = storage_url or study_lib.default_storage(sweep_dir)
-  handle = study_lib.open_study(study_lib.open_storage(url), study_name(sweep_dir),
-                                hashes(definition))
+  storage = study_lib.open_storage(url)
+  record(sweep_dir, definition)
+  handle = study_lib.open_study(storage, study_name(sweep_dir), hashes(definition))
   before = study_lib.enqueue_due(handle, definition["trials"], sweep_dir, retry_failed)
   due = [n for n, s in before.items()
          if s in ("new", "interrupted", "waiting") or (retry_failed and s == "failed")]

@@ -17,6 +17,8 @@ import sys
 import time
 import traceback
 
+import optuna
+
 from llm.sweep import results, study as study_lib
 
 log = logging.getLogger("llm.sweep")
@@ -51,9 +53,10 @@ def run_in_process(definition: dict, name: str, workdir: str) -> None:
 def run_entry_point(definition: dict, name: str, workdir: str) -> None:
   """`python -m ENTRY --config FILE:ARG --workdir DIR/name --config.k=v ...` (base then
   trial overrides); its output goes to DIR/name/trial.log."""
-  fields = {**definition["base_overrides"], **definition["trials"][name]["overrides"]}
+  fields = {**definition["base_overrides"],  # command-line texts, as the user typed them
+            **{k: _flag(v) for k, v in definition["trials"][name]["overrides"].items()}}
   command = [sys.executable, "-m", definition["entry_point"], "--config", definition["config"],
-             "--workdir", workdir, *(f"--config.{k}={_flag(v)}" for k, v in fields.items())]
+             "--workdir", workdir, *(f"--config.{k}={v}" for k, v in fields.items())]
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, LOG_FILE), "a") as out:
     code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT)
@@ -64,6 +67,7 @@ def run_entry_point(definition: dict, name: str, workdir: str) -> None:
 
 
 def _flag(value) -> str:
+  """A value as experiments.cli parses it back (tuples as Python literals)."""
   return str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -82,6 +86,7 @@ def work(sweep_dir: str, storage_url: str, study_name: str, run_trial=None) -> i
   log.addHandler(handler)
   log.setLevel(logging.INFO)
   log.propagate = False
+  optuna.logging.set_verbosity(optuna.logging.WARNING)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   signal.signal(signal.SIGTERM, _stop_on_signal)
   signal.signal(signal.SIGINT, _stop_on_signal)
