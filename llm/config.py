@@ -159,16 +159,55 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AlignConfig:
+  """Preference tuning (`llm.align`): reward model, DPO, PPO with a KL penalty."""
+
+  # Preference pairs: a generated task with a hidden rule (llm.data.preferences) or
+  # jsonl:PATH of ranking / pairwise / thumbs records.
+  preferences: str = "review"
+  dpo_beta: float = 0.1  # DPO: strength of the implicit KL to the reference
+  rater: str = ""  # PPO: the reward model's workdir (experiments.reward_model)
+  kl_coef: float = 0.05  # PPO: coefficient of the per-token KL to the reference; 0 = none
+  kl_target: float = 0.0  # > 0: adaptive coefficient (Ziegler et al.) steering KL/response here
+  kl_horizon: int = 10000  # adaptive controller's horizon, in sampled responses
+  rollout_batch: int = 64  # prompts per rollout; train.steps counts rollouts
+  response_len: int = 16  # max new tokens per response
+  temperature: float = 1.0  # rollout sampling temperature
+  ppo_epochs: int = 4  # passes over each rollout batch
+  ppo_minibatches: int = 4  # optimizer updates per pass
+  clip_eps: float = 0.2  # PPO ratio clip
+  value_clip: float = 0.2  # value-prediction clip around the rollout's values
+  value_coef: float = 0.5
+  entropy_coef: float = 0.0
+  gamma: float = 1.0
+  gae_lambda: float = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressConfig:
+  """Distillation and pruning (`llm.compress`)."""
+
+  teacher: str = ""  # distillation: the teacher's workdir (same tokenizer as the student)
+  distill_alpha: float = 0.5  # weight of the soft-label KL; 1 - alpha on the hard labels
+  distill_temperature: float = 2.0
+  sparsities: str = "0,0.25,0.5,0.75,0.9"  # pruning: target shares of zero weights
+  prune_scope: str = "global"  # global | layer (each weight matrix to the same sparsity)
+  nm: str = "2:4"  # N:M structured sparsity (N non-zeros in every M); "" to skip
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
   parallel: ParallelConfig = ParallelConfig()
+  align: AlignConfig = AlignConfig()
+  compress: CompressConfig = CompressConfig()
 
 
 _NESTED = {"MoEConfig": MoEConfig, "PeftConfig": PeftConfig}
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-             "parallel": ParallelConfig}
+             "parallel": ParallelConfig, "align": AlignConfig, "compress": CompressConfig}
 _CHOICES = {
     "model.family": ("decoder", "encoder", "encoder_decoder"),
     "model.positions": ("learned", "rope", "relative", "alibi", "none"),
@@ -179,6 +218,7 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots"),
     "model.peft.method": ("full", "lora", "prompt", "adapter", "bitfit"),
     "model.peft.prompt_init": ("vocab", "random"),
+    "compress.prune_scope": ("global", "layer"),
 }
 
 
@@ -309,7 +349,28 @@ def validate(cfg: Config) -> Config:
            f"config.train.keep_checkpoints={t.keep_checkpoints}: must be > 0")
   for axis in ("fsdp", "tensor"):
     _require(getattr(cfg.parallel, axis) > 0, f"config.parallel.{axis}: must be > 0")
+  validate_align(cfg.align, cfg.compress)
   return cfg
+
+
+def validate_align(a: AlignConfig, c: CompressConfig) -> None:
+  _require(a.kl_coef >= 0, f"config.align.kl_coef={a.kl_coef}: must be >= 0 (0 = no KL penalty)")
+  _require(a.kl_target >= 0, f"config.align.kl_target={a.kl_target}: must be >= 0 "
+           "(0 = fixed kl_coef)")
+  _require(a.dpo_beta > 0, f"config.align.dpo_beta={a.dpo_beta}: must be > 0")
+  for name in ("kl_horizon", "rollout_batch", "response_len", "ppo_epochs", "ppo_minibatches"):
+    _require(getattr(a, name) > 0, f"config.align.{name}={getattr(a, name)}: must be > 0")
+  _require(a.rollout_batch % a.ppo_minibatches == 0,
+           f"config.align.ppo_minibatches={a.ppo_minibatches}: must divide "
+           f"align.rollout_batch={a.rollout_batch}")
+  _require(a.temperature > 0, f"config.align.temperature={a.temperature}: must be > 0")
+  _require(0.0 < a.clip_eps < 1.0, f"config.align.clip_eps={a.clip_eps}: must be in (0, 1)")
+  _require(0.0 <= a.gamma <= 1.0 and 0.0 <= a.gae_lambda <= 1.0,
+           "config.align.gamma / gae_lambda: must be in [0, 1]")
+  _require(0.0 <= c.distill_alpha <= 1.0,
+           f"config.compress.distill_alpha={c.distill_alpha}: must be in [0, 1]")
+  _require(c.distill_temperature > 0,
+           f"config.compress.distill_temperature={c.distill_temperature}: must be > 0")
 
 
 def from_configdict(cd: Any) -> Config:
