@@ -38,9 +38,9 @@ def create_state(cfg: Config, mesh, params=None):
   unsharded model (what FSDP needs at scale). `params` (host arrays, e.g. pretrained
   weights overlaid on a fresh init) replace the random init. Returns (state, shardings).
   """
-  module = models.build(cfg.model)
-  objective = objectives.get(cfg.data.objective)
-  trainable = peft.trainable_pattern(cfg.model.peft, cfg.train.trainable)
+  objective = objectives.for_config(cfg)
+  module = objective.build(cfg)
+  trainable = objective.trainable(cfg)
   make = functools.partial(init_state, module, functools.partial(objective.loss, module),
                            make_optimizer(cfg.train), objective.example_batch(cfg, 1),
                            cfg.train.seed, trainable, cfg.train.microbatches)
@@ -51,15 +51,19 @@ def create_state(cfg: Config, mesh, params=None):
   return jax.jit(lambda p: make(params=p), out_shardings=shardings)(params), shardings
 
 
-def _initial_params(cfg: Config, base_params) -> dict:
-  """A fresh init of the (adapted) model with every base param from `base_params`."""
-  module = models.build(cfg.model)
-  example = objectives.get(cfg.data.objective).example_batch(cfg, 1)
+def _initial_params(cfg: Config, base_params) -> dict | None:
+  """A fresh init of the (adapted) model with every base param from `base_params`, and
+  what the objective adds (None: random init)."""
+  objective = objectives.for_config(cfg)
+  if base_params is None:
+    return objective.initial_params(cfg, None)
+  module = objective.build(cfg)
+  example = objective.example_batch(cfg, 1)
   fresh = jax.device_get(jax.jit(lambda: init_params(module, example, cfg.train.seed))())
   params = init_from.overlay(fresh, base_params)
   if cfg.model.peft.method == "prompt":
     params = peft.prompt.init_from_vocab(params, cfg.model.peft, cfg.train.seed)
-  return params
+  return objective.initial_params(cfg, params)
 
 
 def compiled_steps(state_shardings, mesh):
@@ -88,7 +92,7 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   ckpt.ensure_writable(workdir)
   ckpt.write_or_check_config(workdir, cfg)
   tokenizer = data_lib.get_tokenizer(dcfg, cfg.model.vocab_size, workdir)
-  objective = objectives.get(dcfg.objective)
+  objective = objectives.for_config(cfg)
   train_rows = objective.rows(cfg, tokenizer, dcfg.train_split)
   eval_rows = objective.rows(cfg, tokenizer, dcfg.eval_split)
   make_batch = objective.batches(cfg, tokenizer)
@@ -97,8 +101,7 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   parallel.check_batch_divisible(dcfg.batch_size, mesh, tcfg.microbatches)
   mgr = ckpt.manager(workdir, tcfg.keep_checkpoints)
   resuming = mgr.latest_step() is not None
-  initial = _initial_params(cfg, base_params) if base_params is not None and not resuming \
-      else None
+  initial = None if resuming else _initial_params(cfg, base_params)
   state, shardings = create_state(cfg, mesh, initial)
   data_state = None
   if resuming:
