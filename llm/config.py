@@ -171,7 +171,7 @@ class AlignConfig:
   kl_target: float = 0.0  # > 0: adaptive coefficient (Ziegler et al.) steering KL/response here
   kl_horizon: int = 10000  # adaptive controller's horizon, in sampled responses
   rollout_batch: int = 64  # prompts per rollout; train.steps counts rollouts
-  response_len: int = 16  # max new tokens per response
+  response_len: int = 24  # max new tokens per response
   temperature: float = 1.0  # rollout sampling temperature
   ppo_epochs: int = 4  # passes over each rollout batch
   ppo_minibatches: int = 4  # optimizer updates per pass
