@@ -25,8 +25,8 @@ from llm.config import default_configdict
 # variant: (objective, steps, learning rate, batch size)
 VARIANTS = {
     "reward": ("reward", 300, 1e-3, 32),
-    "dpo": ("dpo", 200, 5e-4, 32),
-    "ppo": ("ppo", 40, 1e-4, 64),
+    "dpo": ("dpo", 100, 1e-4, 32),
+    "ppo": ("ppo", 30, 3e-4, 64),
     "distill": ("distill", 300, 3e-3, 16),
     "prune": ("clm", 60, 1e-3, 16),
 }
@@ -49,4 +49,5 @@ def get_config(variant: str = "reward") -> ml_collections.ConfigDict:
   if variant == "ppo":
     cfg.train.min_lr_ratio = 1.0  # a constant step size: the rollouts keep changing
     cfg.train.checkpoint_every = steps
+    cfg.align.update(dict(rollout_batch=64, ppo_epochs=2, ppo_minibatches=2, kl_coef=0.05))
   return cfg

@@ -3,7 +3,7 @@ after retraining with the masks kept (pruned weights stay zero).
 
   python -m experiments.prune --config configs/align.py:prune \
       --config.train.init_from=runs/gpt_align --workdir runs/prune
-  ... --config.compress.prune_scope=layer --config.compress.sparsities=0.5,0.9
+  ... --config.compress.prune_scopes=layer --config.compress.sparsities=0.5,0.9
   ... --config.compress.nm=""                  # skip the 2:4 row
 
 train.steps is the retraining budget per setting. Writes metrics.jsonl and prune.png,

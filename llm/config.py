@@ -191,7 +191,7 @@ class CompressConfig:
   distill_alpha: float = 0.5  # weight of the soft-label KL; 1 - alpha on the hard labels
   distill_temperature: float = 2.0
   sparsities: str = "0,0.25,0.5,0.75,0.9"  # pruning: target shares of zero weights
-  prune_scope: str = "global"  # global | layer (each weight matrix to the same sparsity)
+  prune_scopes: str = "global,layer"  # global and/or layer (each matrix to the sparsity)
   nm: str = "2:4"  # N:M structured sparsity (N non-zeros in every M); "" to skip
 
 
@@ -218,7 +218,6 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots"),
     "model.peft.method": ("full", "lora", "prompt", "adapter", "bitfit"),
     "model.peft.prompt_init": ("vocab", "random"),
-    "compress.prune_scope": ("global", "layer"),
 }
 
 

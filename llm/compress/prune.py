@@ -40,6 +40,15 @@ def check_sparsity(value: float, name: str = "sparsity") -> None:
                       "set to zero)")
 
 
+def parse_scopes(spec: str) -> list[str]:
+  scopes = [s.strip() for s in spec.split(",") if s.strip()]
+  bad = [s for s in scopes if s not in SCOPES]
+  if bad or not scopes:
+    raise ConfigError(f"config.compress.prune_scopes={spec!r}: comma-separated "
+                      f"{' / '.join(SCOPES)}")
+  return scopes
+
+
 def parse_nm(spec: str) -> tuple[int, int]:
   try:
     n, m = (int(x) for x in spec.split(":"))
@@ -48,6 +57,9 @@ def parse_nm(spec: str) -> tuple[int, int]:
   if not 0 < n < m:
     raise ConfigError(f"config.compress.nm={spec!r}: N:M needs 0 < N < M (N kept of every M)")
   return n, m
+
+
+SCOPES = ("global", "layer")
 
 
 def _is_prunable(path: str) -> bool:
@@ -92,7 +104,8 @@ def magnitude_masks(params, sparsity: float, scope: str = "global"):
     masks = {p: (np.stack([_keep_largest(layer, sparsity) for layer in k]) if _scanned(p)
                  else _keep_largest(k, sparsity)) for p, k in kernels.items()}
   else:
-    raise ConfigError(f"config.compress.prune_scope={scope!r}: must be global or layer")
+    raise ConfigError(f"config.compress.prune_scopes: {scope!r} is not one of "
+                      f"{' / '.join(SCOPES)}")
   return _like(params, masks)
 
 
@@ -150,8 +163,8 @@ def keep_pruned(masks=None) -> optax.GradientTransformation:
 
 
 def sweep(cfg, workdir: str, progress: bool = True) -> list[dict]:
-  """Perplexity of train.init_from's model pruned to each compress.sparsities (prune_scope)
-  and to compress.nm, before and after train.steps steps of retraining with the masks
+  """Perplexity of train.init_from's model pruned to each compress.sparsities in each
+  compress.prune_scopes and to compress.nm, before and after train.steps steps of retraining with the masks
   kept. Writes metrics.jsonl (one record per setting) and prune.png."""
   import functools
 
@@ -166,7 +179,8 @@ def sweep(cfg, workdir: str, progress: bool = True) -> list[dict]:
   from llm.train.step import train_step
   if not cfg.train.init_from:
     raise ConfigError("config.train.init_from is empty: give the trained model to prune")
-  settings = [(cfg.compress.prune_scope, s) for s in parse_sparsities(cfg.compress.sparsities)]
+  settings = [(scope, s) for scope in parse_scopes(cfg.compress.prune_scopes)
+              for s in parse_sparsities(cfg.compress.sparsities)]
   if cfg.compress.nm:
     n, m = parse_nm(cfg.compress.nm)
     settings.append((cfg.compress.nm, 1 - n / m))
@@ -207,19 +221,23 @@ def plot_sweep(results: list[dict], path: str) -> str:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  magnitude = [r for r in results if ":" not in r["scope"]]
-  for key, label in (("perplexity", "pruned"), ("retrained_perplexity", "pruned + retrained")):
-    ax.plot([100 * r["sparsity"] for r in magnitude], [r[key] for r in magnitude], marker="o",
-            label=f"{magnitude[0]['scope']} magnitude, {label}")
+  fig, ax = plt.subplots(figsize=(6, 4))
+  scopes = dict.fromkeys(r["scope"] for r in results if ":" not in r["scope"])
+  for scope, color in zip(scopes, ("tab:blue", "tab:orange")):
+    rows = [r for r in results if r["scope"] == scope]
+    for key, style, label in (("perplexity", "--", "pruned"),
+                              ("retrained_perplexity", "-", "pruned + retrained")):
+      ax.plot([100 * r["sparsity"] for r in rows], [r[key] for r in rows], style, marker="o",
+              color=color, label=f"{scope} magnitude, {label}")
   for r in results:
     if ":" in r["scope"]:
-      ax.scatter([100 * r["sparsity"]] * 2, [r["perplexity"], r["retrained_perplexity"]],
-                 marker="x", color="k", label=f"{r['scope']} (before / after retraining)")
-  ax.set_yscale("log")
+      ax.scatter([100 * r["sparsity"]], [r["perplexity"]], marker="x", color="k",
+                 label=f"{r['scope']}, pruned")
+      ax.scatter([100 * r["sparsity"]], [r["retrained_perplexity"]], marker="+", color="k",
+                 s=80, label=f"{r['scope']}, pruned + retrained")
   ax.set_xlabel("sparsity of the projection kernels (%)")
   ax.set_ylabel("validation perplexity")
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=7)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
