@@ -13,7 +13,7 @@
   python -m experiments.prune --config configs/align.py:prune \
       --config.train.init_from=runs/gpt_align --workdir runs/prune
 
-Variants: reward, dpo, ppo (with the KL penalty; --config.align.kl_coef=0 removes it,
+Variants: reward, dpo, ppo (KL coefficient 1.0; --config.align.kl_coef=0 removes it,
 --config.align.kl_target=K makes it adaptive), distill, prune. The model fields below
 only matter without train.init_from (distill: they are the student's).
 """
@@ -49,5 +49,5 @@ def get_config(variant: str = "reward") -> ml_collections.ConfigDict:
   if variant == "ppo":
     cfg.train.min_lr_ratio = 1.0  # a constant step size: the rollouts keep changing
     cfg.train.checkpoint_every = steps
-    cfg.align.update(dict(rollout_batch=64, ppo_epochs=2, ppo_minibatches=2, kl_coef=0.05))
+    cfg.align.update(dict(rollout_batch=64, ppo_epochs=2, ppo_minibatches=2, kl_coef=1.0))
   return cfg

@@ -167,7 +167,7 @@ class AlignConfig:
   preferences: str = "review"
   dpo_beta: float = 0.1  # DPO: strength of the implicit KL to the reference
   rater: str = ""  # PPO: the reward model's workdir (experiments.reward_model)
-  kl_coef: float = 0.05  # PPO: coefficient of the per-token KL to the reference; 0 = none
+  kl_coef: float = 0.1  # PPO: coefficient of the per-token KL to the reference; 0 = none
   kl_target: float = 0.0  # > 0: adaptive coefficient (Ziegler et al.) steering KL/response here
   kl_horizon: int = 10000  # adaptive controller's horizon, in sampled responses
   rollout_batch: int = 64  # prompts per rollout; train.steps counts rollouts
