@@ -72,14 +72,16 @@ def _gae_reference(rewards, values, mask, gamma, lam):
 
 
 def test_gae_and_the_clipped_objective_against_numpy_on_fixed_numbers():
+  import jax
   from llm.align import ppo
+  gae = jax.jit(ppo.gae, static_argnums=(3, 4))  # one compile each, not one per eager op
   rng = np.random.default_rng(1)
   mask = np.zeros((3, 7), np.float32)
   mask[0, 2:6], mask[1, 1:7], mask[2, 4:5] = 1, 1, 1  # responses after prompts of any length
   rewards, values = (rng.normal(size=(3, 7)).astype(np.float32) * mask,
                      rng.normal(size=(3, 7)).astype(np.float32))
   for gamma, lam in ((1.0, 0.95), (0.9, 0.5)):
-    adv, ret = ppo.gae(rewards, values, mask, gamma, lam)
+    adv, ret = gae(rewards, values, mask, gamma, lam)
     ref_adv, ref_ret = _gae_reference(rewards, values * mask, mask, gamma, lam)
     np.testing.assert_allclose(adv, ref_adv, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ret, ref_ret, rtol=1e-5, atol=1e-6)
@@ -184,35 +186,40 @@ class EvenCount(nn.Module):
 
 @pytest.fixture(scope="module")
 def ppo_runs(tiny):
-  """Rollouts of a random policy against `EvenCount`: with a zero step size, and a short
-  run that learns."""
+  """Rollouts of a random policy against `EvenCount`, through one compiled step: first
+  with a zero learning rate (a state at the end of its cosine schedule, which decays to
+  0), then a short run that learns."""
   import dataclasses
   import jax
+  import optax
   from llm import parallel
   from llm.align import rollout
   from llm.align.heads import VALUE_HEAD, ScalarHead
   from llm.config import ModelConfig
+  from llm.train.optimizer import schedule
   from tests.helpers import random_params
   tokenizer, model = tiny
+  model = dict(model, scan_layers=False)  # compiles faster at two layers
   policy = random_params(ScalarHead(ModelConfig(**model), VALUE_HEAD), np.ones((1, 8), np.int32),
                          std=0.1)
   rater = reward.Rater(EvenCount(), {}, tokenizer, 32, "review")
   mesh = parallel.make_mesh(parallel.ParallelConfig(data=1), jax.devices()[:1])
+  cfg = _cfg(model, data={"objective": "ppo"},
+             train={"steps": 24, "learning_rate": 1e-2, "min_lr_ratio": 0.0},
+             align={"rollout_batch": 32, "ppo_epochs": 4, "kl_coef": 0.0})
+  setup, state = rollout.setup(cfg, policy, tokenizer, rater, mesh)
+  start = jax.tree_util.tree_map(jnp.copy, state)
+  ended = start.replace(opt_state=optax.tree_utils.tree_set(start.opt_state, count=10 ** 6))
+  updates = cfg.train.steps * cfg.align.ppo_epochs * cfg.align.ppo_minibatches
+  assert float(schedule(dataclasses.replace(cfg.train, steps=updates))(10 ** 6)) == 0.0
 
-  def run(iterations, learning_rate, epochs):
-    cfg = _cfg(model, data={"objective": "ppo"}, train={"steps": iterations,
-                                                        "learning_rate": 1e-2},
-               align={"rollout_batch": 32, "ppo_epochs": epochs, "kl_coef": 0.0})
-    # The config refuses a zero learning rate; a test may set one.
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
-                                                             learning_rate=learning_rate))
-    setup, state = rollout.setup(cfg, policy, tokenizer, rater, mesh)
+  def run(state, iterations):
     rng, records = np.random.default_rng(0), []
     for step in range(1, iterations + 1):
       state, record = rollout.ppo_iteration(setup, state, cfg.align.kl_coef, step, rng)
       records.append(record)
-    return setup, jax.device_get(state.params), records
-  return run(2, 0.0, 1), run(12, 1e-2, 4)
+    return jax.device_get(state.params), records
+  return (setup, *run(ended, 2)), (setup, *run(state, 12))
 
 
 def test_with_a_zero_learning_rate_the_policy_stays_the_reference(ppo_runs):
