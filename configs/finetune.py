@@ -27,6 +27,7 @@ METHODS = {
     "adapter": (3e-3, 0.0),
     "bitfit": (5e-3, 0.0),
 }
+SIZES = tuple(METHODS)  # what `--config configs/finetune.py:METHOD` accepts (--help lists it)
 
 
 def get_config(method: str = "lora") -> ml_collections.ConfigDict:

@@ -1,33 +1,47 @@
-"""Shared flag handling for the entry points: one-line errors instead of tracebacks."""
+"""What the training entry points share: the start of a run and the fine-tuning job."""
 
-import functools
-import sys
+import logging
 
+from absl import flags
+
+from experiments import cli
 from llm.config import ConfigError
 
-
-def one_line_errors(main):
-  """Prints ConfigError / ValueError as `error: ...` and exits 2, as users expect of a CLI."""
-  @functools.wraps(main)
-  def wrapped(argv):
-    try:
-      return main(argv)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-  return wrapped
+# A multi-process job (see README "Scale"): these, else the JAX_* environment variables;
+# under SLURM, Open MPI or on a TPU pod slice jax finds them itself.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in the job (JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process, 0 .. num_processes - 1 (JAX_PROCESS_ID).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 30, "A process silent this long "
+                                  "counts as dead, and the others exit.")
 
 
 def start(config_dict):
   """The start of every training entry point: quiet logs, join a multi-host job if the
-  environment describes one, and validate the config at the boundary."""
-  from absl import logging
+  flags or the environment describe one, and validate the config at the boundary."""
+  from absl import logging as absl_logging
 
   from llm import config as config_lib
   from llm import parallel
-  logging.set_verbosity(logging.WARNING)
-  parallel.init_distributed()
-  return config_lib.from_configdict(config_dict)
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  show_progress_messages()
+  parallel.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                            _HEARTBEAT.value)
+  return config_lib.check_sampling(config_lib.from_configdict(config_dict))
+
+
+def show_progress_messages():
+  """The library's INFO lines ("resumed from step N", ...) on stderr, as plain text."""
+  logger = logging.getLogger("llm")
+  if not logger.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
 
 
 def finetune(config_dict, workdir: str, methods: tuple[str, ...], entry_point: str):
@@ -54,15 +68,10 @@ def finetune(config_dict, workdir: str, methods: tuple[str, ...], entry_point: s
 
 
 def finetune_app(default_config: str, methods: tuple[str, ...], entry_point: str):
-  """Defines --config / --workdir and runs `finetune` as an absl app (one per method)."""
-  from absl import app, flags
-  from ml_collections import config_flags
-  config = config_flags.DEFINE_config_file("config", default_config, "Experiment config.")
+  """Defines --config / --workdir and runs `finetune` (one entry point per method)."""
+  from absl import flags
+  config = cli.ConfigFlag(default_config)
   workdir = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, adapter go here.",
                                 required=True)
-
-  @one_line_errors
-  def main(argv):
-    del argv
-    finetune(config.value, workdir.value, methods, entry_point)
-  app.run(main)
+  cli.run(cli.one_line_errors(lambda argv: finetune(config.value, workdir.value, methods,
+                                                     entry_point)), config)

@@ -12,9 +12,9 @@ import dataclasses
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments.common import one_line_errors
+from experiments import cli
 from llm import peft, train
 from llm.eval.report import evaluate_model, markdown_table
 
@@ -33,7 +33,7 @@ _RATER = flags.DEFINE_string("rater", None, "A reward model's workdir (experimen
                              "that scores responses sampled to its held-out prompts.")
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -69,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -10,14 +10,15 @@ A decoder continues each prompt and never emits ids it was not trained to predic
 """
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments.common import one_line_errors
-from llm.config import ConfigError
+from experiments import cli
+from llm.config import ConfigError, check_range
 from llm.inference import (SamplingConfig, beam_search, generate_sequences,
                            speculative_generate, untrained_ids)
 from llm.inference.speculative import check_same_tokenizer
-from llm.inference.workdir import continuation_text, load_model, prompt_ids, read_prompts
+from llm.inference.workdir import (continuation_text, load_model, prompt_ids, read_prompts,
+                                   terminal_text)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by a training run.",
                                required=True)
@@ -56,12 +57,13 @@ def run(module, params, tokenizer, ids, sampling, rng):
   return generate_sequences(module, params, ids, sampling, rng), None
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   SamplingConfig(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                  max_new_tokens=_MAX_NEW.value)  # bad flags fail before the restore
+  check_range("--seed", _SEED.value, "[0, 2**32)")  # PRNGKey wraps larger seeds around
   if _QUANT.value != "none":
     from llm.inference.quantize import check_mode
     check_mode(_QUANT.value)
@@ -78,8 +80,8 @@ def main(argv):
     print(note)
   beams = out.tokens.ndim == 3
   for row, (prompt, ids_of_prompt, new) in enumerate(zip(prompts, ids, out.lists())):
-    print(f"{prompt} -> {tokenizer.decode(new)}" if seq2seq
-          else f"{prompt}{continuation_text(tokenizer, ids_of_prompt, new)}")
+    print(terminal_text(f"{prompt} -> {tokenizer.decode(new)}" if seq2seq
+                        else f"{prompt}{continuation_text(tokenizer, ids_of_prompt, new)}"))
     if _LOGPROBS.value:
       logprobs = out.logprobs[row, 0] if beams else out.logprobs[row]
       for token, logp in zip(new, logprobs.tolist()):
@@ -89,4 +91,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,25 +3,26 @@
   python -m experiments.pretrain_clm --config configs/gpt.py:tiny --workdir /tmp/gpt_tiny
 
 Trains on the embedded corpus by default (offline), resumes from the workdir's latest
-checkpoint, then prints the final losses and a few samples.
+checkpoint, then prints the final losses and a few samples (prompts: train.sample_prompts,
+else the start of a few validation documents). --help lists the sizes and flags.
 """
 
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments.common import one_line_errors, start
+from experiments import cli
+from experiments.common import start
 from llm import data, eval as eval_lib, train
 from llm.inference import SamplingConfig
+from llm.inference.workdir import terminal_text
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/gpt.py:tiny", "Experiment config.")
+_CONFIG = cli.ConfigFlag("configs/gpt.py:tiny")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, tokenizer go here.",
                                required=True)
-_PROMPTS = ("The ", "A function that", "Return the")
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   cfg = start(_CONFIG.value)
@@ -35,10 +36,10 @@ def main(argv):
   print(json.dumps(summary))
   sampling = SamplingConfig(temperature=0.8, top_k=40, max_new_tokens=cfg.train.sample_tokens,
                             eos_id=tokenizer.eos_id)
-  prompts = _PROMPTS[:cfg.train.num_samples]
+  prompts = train.sample_prompts(cfg)
   for prompt, text in zip(prompts, train.sample_texts(cfg, params, tokenizer, prompts, sampling)):
-    print(f"--- {prompt!r} -> {prompt}{text}")
+    print(f"--- {prompt!r} -> {terminal_text(prompt + text)}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _CONFIG)

@@ -8,18 +8,18 @@ accuracy (the accuracy of predicting the original token at the selected position
 
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments.common import one_line_errors, start
+from experiments import cli
+from experiments.common import start
 from llm import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/bert.py:tiny", "Experiment config.")
+_CONFIG = cli.ConfigFlag("configs/bert.py:tiny")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, tokenizer go here.",
                                required=True)
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   cfg = start(_CONFIG.value)
@@ -32,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _CONFIG)

@@ -9,19 +9,19 @@ filling in the sentinel spans of a few validation inputs.
 import json
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments.common import one_line_errors, start
+from experiments import cli
+from experiments.common import start
 from llm import models, objectives, train
 from llm.inference import SamplingConfig, generate_seq2seq
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/t5.py:tiny", "Experiment config.")
+_CONFIG = cli.ConfigFlag("configs/t5.py:tiny")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics, tokenizer go here.",
                                required=True)
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   cfg = start(_CONFIG.value)
@@ -56,4 +56,4 @@ def _spans(ids, tokenizer):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _CONFIG)

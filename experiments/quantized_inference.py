@@ -8,13 +8,14 @@ parameter bytes, validation perplexity, decode tokens/s at batch 1 and 32, sampl
 
 import dataclasses
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments.common import one_line_errors
+from experiments import cli
 from llm import data, train
 from llm.config import ConfigError
 from llm.inference import SamplingConfig
 from llm.inference import quantize as quant_lib
+from llm.inference.workdir import terminal_text
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by a training run.",
                                required=True)
@@ -29,7 +30,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed decode calls per mode and b
 _PROMPT = flags.DEFINE_multi_string("prompt", ["The ", "Return the"], "Sample prompts.")
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -57,8 +58,8 @@ def main(argv):
     run_cfg = dataclasses.replace(cfg, model=quant_lib.inference_config(cfg.model, name))
     texts = train.sample_texts(run_cfg, tree, tokenizer, _PROMPT.value, sampling)
     for prompt, text in zip(_PROMPT.value, texts):
-      print(f"[{name}] " + f"{prompt}{text}".replace("\n", "\\n"))
+      print(f"[{name}] " + terminal_text(f"{prompt}{text}".replace("\n", "\\n")))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from llm.data import pipeline
+from llm.data import pipeline, source_mixture
+from llm.data.sources import DataError
 from llm.models import apply_batch, build
 
 Batch = dict
@@ -54,7 +55,8 @@ class Objective:
   batch_fn: Callable = pipeline.identity_batch_fn  # (data_cfg, tokenizer) -> (rows, step) -> batch
 
   def rows(self, cfg, tokenizer, split: str) -> Batch:
-    return self.rows_fn(data_config(cfg), tokenizer, split)
+    rows = source_mixture.rows(self.rows_fn, data_config(cfg), tokenizer, split)
+    return check_rows(rows, cfg, split) if isinstance(rows, dict) else rows  # or MixedRows
 
   def batches(self, cfg, tokenizer) -> Callable[[Batch, int], Batch]:
     """(rows of one batch, step) -> the model's batch; prompt tuning's virtual tokens are
@@ -67,7 +69,7 @@ class Objective:
 
   def eval_set(self, cfg, tokenizer, rows) -> list[Batch]:
     return pipeline.eval_set(self.batches(cfg, tokenizer), rows, cfg.data.batch_size,
-                             cfg.train.eval_batches)
+                             cfg.train.eval_batches, jax.process_index(), jax.process_count())
 
   def example_batch(self, cfg, batch_size: int = 1) -> Batch:
     """Zeros shaped like a batch (for init, tracing and benchmarks)."""
@@ -105,6 +107,21 @@ class Objective:
     return token_losses(logits_BTV, batch["targets"], batch["weights"]), aux
 
 
+def check_rows(rows: Batch, cfg, split: str) -> Batch:
+  """`rows` unless they hold no token to learn or score: an empty evaluation split would
+  report a loss of 0.0, an empty training split would fail later and less clearly."""
+  count = min((len(v) for v in rows.values()), default=0)
+  if count and ("weights" not in rows or rows["weights"].any()):
+    return rows
+  d = cfg.data
+  field = "eval_split" if split == d.eval_split else "train_split"
+  source = f"config.data.tasks={d.tasks!r}" if d.objective == "sft" else \
+      f"config.data.source={d.source!r}"
+  raise DataError(f"config.data.{field}={split!r} of {source} has no {d.objective} examples "
+                  f"({count} rows{'' if not count else ', no weighted token'}); add data or "
+                  "choose another split")
+
+
 def data_config(cfg):
   """The data config rows are built with: prompt tuning's virtual tokens take seq_len room."""
   if cfg.model.peft.method != "prompt":
@@ -138,7 +155,7 @@ class SupervisedFineTuning(Objective):
 
   def rows(self, cfg, tokenizer, split: str) -> Batch:
     from llm.data.sft_data import sft_split_rows
-    return sft_split_rows(cfg, data_config(cfg), tokenizer, split)
+    return check_rows(sft_split_rows(cfg, data_config(cfg), tokenizer, split), cfg, split)
 
 
 register(Objective("clm", ("decoder",)))

@@ -111,7 +111,24 @@ def test_seq2seq_generates_and_encoders_refuse(run):
     (["--draft_workdir", "draft", "--gamma", "0"], "gamma=0: must be >= 1"),
     (["--beams", "0"], "beams=0: must be >= 1"),
     (["--quant", "int3"], "unknown quantization mode"),
+    (["--temperature", "nan"], "temperature=nan: must be a finite number >= 0"),
+    (["--seed", "-1"], "--seed=-1: must be in [0, 2**32)"),
+    (["--seed", str(2 ** 32)], "--seed=4294967296: must be in [0, 2**32)"),
 ])
 def test_bad_input_is_one_line(run, args, message):
   code, _, err = run("--workdir", "gpt", "--max_new_tokens", "2", *args)
   assert code == 2 and message in err.strip().splitlines()[-1]
+
+
+def test_control_characters_in_printed_text_are_escaped(run, monkeypatch):
+  # Byte-fallback pieces can decode to ESC sequences, CR or bidi overrides, which a
+  # terminal would obey (clear the screen, overwrite the line, reorder what it shows).
+  monkeypatch.setattr(generate_exp, "continuation_text",
+                      lambda tokenizer, prompt, new: " made\x1b[2J\rit\u202eup\n\tok")
+  monkeypatch.setattr(generate_exp, "generate_sequences",  # what is printed, not sampled
+                      lambda *args: types.SimpleNamespace(tokens=np.zeros((1, 2)),
+                                                          lists=lambda: [[5, 6]]))
+  code, out, err = run("--workdir", "gpt", "--prompt", "Say\x07", "--max_new_tokens", "2",
+                       "--temperature", "0")
+  assert code == 0, err
+  assert out == "Say\\x07 made\\x1b[2J\\rit\\u202eup\n\tok\n"

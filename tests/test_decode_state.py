@@ -11,8 +11,8 @@ import pytest
 
 from llm import config as config_lib
 from llm.config import ConfigError
-from llm.inference import (SamplingConfig, decode_step, gather_rows, generate_sequences, prefill,
-                           right_pad, truncate_rows)
+from llm.inference import (SamplingConfig, decode_step, for_decoding, gather_rows,
+                           generate_sequences, prefill, right_pad, truncate_rows)
 from llm.inference.prefix_cache import build_prefix_cache, extend_prefix, generate_with_prefix
 from llm.models import build
 from llm.models.blocks import unscanned
@@ -37,12 +37,14 @@ def _full_logits(module, params, seq):
   return np.asarray(module.apply({"params": params}, padded)[0, :len(seq)])
 
 
-@pytest.mark.parametrize("layout", ["scanned", "unscanned"])
+@pytest.mark.parametrize("layout", ["scanned", "for_decoding"])
 def test_steps_rollback_and_reorder_match_the_full_forward(layout):
   apply, full_params = _decoder()
   module, params = apply.module, full_params
-  if layout == "unscanned":
-    module, params = unscanned(module, params)
+  if layout == "for_decoding":  # unscanned, q/k/v and SwiGLU gate/up fused
+    module, params = for_decoding(module, params)
+    assert set(params["layers_0"]["attn"]) >= {"qkv", "out"}
+    assert set(params["layers_0"]["mlp"]) == {"wi_gate_up", "wo"}
   rows = [[5, 6, 7], [9, 10, 11, 12, 13, 14]]
   tokens = np.zeros((2, 6), np.int32)
   for b, r in enumerate(rows):

@@ -104,8 +104,8 @@ def test_sequence_longer_than_the_position_table_is_refused():
 def test_checkpoint_of_another_family_is_refused(tmp_path):
   from llm.train import checkpoint as ckpt
   decoder_cfg = config_lib.from_configdict({"model": GPT_TINY, "data": {"seq_len": 16}})
-  ckpt.write_or_check_config(str(tmp_path), decoder_cfg)
+  ckpt.write_config(str(tmp_path), decoder_cfg)
   encoder_cfg = config_lib.from_configdict({"model": BERT_TINY,
                                             "data": {"objective": "mlm", "seq_len": 16}})
   with pytest.raises(config_lib.ConfigError, match="model.family: 'decoder' in workdir"):
-    ckpt.write_or_check_config(str(tmp_path), encoder_cfg)
+    ckpt.check_config(str(tmp_path), encoder_cfg, resuming=False)

@@ -15,9 +15,10 @@ TINY = ["--config.model.d_model=32", "--config.model.num_layers=1", "--config.mo
         "--config.train.num_samples=1", "--config.train.sample_tokens=4"]
 
 
-def _run(module, *args, cache):
-  env = {**os.environ, "LLM_CACHE": cache, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+def _run(module, *args, cache, cwd=ROOT):
+  env = {**os.environ, "LLM_CACHE": cache, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": ROOT}  # as `pip install -e .` has it, from any directory
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
 
 
@@ -49,14 +50,19 @@ def test_generate_from_the_workdir(trained):
   assert lines[0].startswith("The") and any(l.startswith("Return") for l in lines)
 
 
-def test_bad_flags_fail_with_one_line(trained):
+def test_bad_flags_fail_with_one_line_and_no_traceback(trained, tmp_path):
   workdir, cache, _ = trained
-  result = _run("experiments.generate", "--workdir", workdir, "--top_p", "1.5", cache=cache)
-  assert result.returncode == 2
-  assert result.stderr.strip().splitlines()[-1].startswith("error: top_p=1.5")
-  result = _run("experiments.pretrain_clm", "--workdir", workdir, "--config.model.foo=1",
-                cache=cache)
-  assert result.returncode != 0 and "foo" in result.stderr
+  for module, args, message in [
+      ("experiments.generate", ["--top_p", "1.5"], "error: top_p=1.5: must be in (0, 1]"),
+      ("experiments.pretrain_clm", ["--config.model.foo=1"],
+       "error: config.model.foo: unknown field; valid fields: activation, d_ff,")]:
+    result = _run(module, "--workdir", workdir, *args, cache=cache, cwd=str(tmp_path))
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    assert result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1
+  # From another directory the default config is found, and --print_config needs no workdir.
+  result = _run("experiments.pretrain_clm", "--print_config", "--config.train.steps=3",
+                cache=cache, cwd=str(tmp_path))
+  assert result.returncode == 0 and "train.steps = 3 " in result.stdout, result.stderr
 
 
 @pytest.mark.parametrize("module, config", [("experiments.pretrain_mlm", "configs/bert.py:tiny"),

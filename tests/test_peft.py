@@ -176,7 +176,7 @@ def test_bad_peft_input_fails_with_a_named_one_line_error():
   with pytest.raises(ConfigError, match="lora_targets matches no projection"):
     module, params, _ = _init(GPT, method="lora", lora_targets="/nothing$")
     peft.split(params, peft.trainable_pattern(module.cfg.peft))
-  with pytest.raises(ConfigError, match="lora_rank=0: must be > 0"):
+  with pytest.raises(ConfigError, match="lora_rank=0: must be >= 1"):
     config_lib.model_from_dict({**GPT, "peft": {"method": "lora", "lora_rank": 0}})
   with pytest.raises(ConfigError, match="model.peft.method='lorra': must be one of"):
     config_lib.model_from_dict({**GPT, "peft": {"method": "lorra"}})

@@ -136,3 +136,46 @@ def test_bad_configs_give_one_line_errors_naming_the_field(bad, message):
   with pytest.raises(ConfigError) as error:
     config_lib.from_configdict(bad)
   assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_rerun_says_where_it_resumed_and_logs_replayed_steps_once(uninterrupted, tmp_path):
+  import logging
+  import shutil
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(uninterrupted[0], workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))  # killed before step 6 was saved
+  records = []
+  handler = logging.Handler()
+  handler.emit = lambda record: records.append(record.getMessage())
+  logging.getLogger("llm").addHandler(handler)
+  logging.getLogger("llm").setLevel(logging.INFO)
+  try:
+    loop.run(make_config(), workdir, progress=False)  # replays steps 5 and 6
+    assert records == [f"resumed from step 4 of {workdir}"]
+    rows = [(r["step"], sorted(r)) for r in metrics_lib.read_metrics(workdir)]
+    assert len(rows) == len({(step, tuple(keys)) for step, keys in rows})  # no duplicates
+    assert sorted(_losses(workdir)) == list(range(1, 7))
+    last = loop.run(make_config(), workdir, progress=False)
+  finally:
+    logging.getLogger("llm").removeHandler(handler)
+  assert records[1:] == ["already at step 6 >= train.steps=6; to train on, raise "
+                         "--config.train.steps and pass --config.train.allow_config_change=True"
+                         " (the schedule then changes)"]
+  assert last["step"] == 6 and last["train_loss"] == _losses(workdir)[6]
+  assert last["eval_loss"] == metrics_lib.read_metrics(workdir)[-1]["eval_loss"]
+
+
+def test_sample_prompts_come_from_the_config_or_the_runs_validation_documents(tmp_path):
+  import dataclasses
+  from llm import data
+  corpus = tmp_path / "corpus.txt"
+  corpus.write_text("\n\n".join(f"Doc{i} alpha beta gamma delta." for i in range(400)))
+  cfg = make_config()
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=f"text:{corpus}"))
+  held_out = data.load_documents(cfg.data, cfg.data.eval_split)
+  prompts = loop.sample_prompts(cfg)
+  assert prompts == [doc.split(" gamma")[0] for doc in held_out[:3]]  # the first 3 words
+  assert all(p.startswith("Doc") for p in prompts)
+  own = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_samples=2,
+                                                           sample_prompts="Hello|Return the|x"))
+  assert loop.sample_prompts(own) == ["Hello", "Return the"]

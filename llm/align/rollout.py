@@ -225,11 +225,13 @@ def train_ppo(cfg: Config, workdir: str, progress: bool = True) -> dict:
   _check(cfg)
   base_cfg, base_params, tokenizer_file = init_from.pretrained(cfg.train.init_from)
   cfg = init_from.resolve(cfg, base_cfg, tokenizer_file)
-  ckpt.ensure_writable(workdir)
+  ckpt.check_writable(workdir)
+  os.makedirs(workdir, exist_ok=True)
   mgr = ckpt.manager(workdir, 1, async_save=False)
   if mgr.latest_step() is not None:
     raise ConfigError(f"--workdir {workdir} already holds a PPO run; use a new --workdir")
-  ckpt.write_or_check_config(workdir, cfg)
+  ckpt.check_config(workdir, cfg, resuming=False)
+  ckpt.write_config(workdir, cfg)
   tokenizer = get_tokenizer(cfg.data, cfg.model.vocab_size, workdir)
   run, state = setup(cfg, policy_params(cfg, base_params), tokenizer,
                      Rater.load(cfg.align.rater), parallel.make_mesh(cfg.parallel))

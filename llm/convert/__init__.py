@@ -11,9 +11,15 @@ encoder-decoders t5 (v1.0 and v1.1), bart (llm/convert/t5.py, bart.py: LM heads,
 
 Params come back as plain nested dicts of float32 numpy arrays (the tree
 `nn.unbox(module.init(...))["params"]` has), left on the host so callers can shard them
-onto a mesh without first landing everything on one device. Anything the other side
-cannot express raises a ConversionError (a ValueError) naming the field, rather than
-producing a model whose logits silently differ.
+onto a mesh without first landing everything on one device. Each family is two tables
+(llm/convert/table.py): what it does with every ModelConfig field, and which of our params
+are which HF tensors. Anything the other side cannot express raises a ConversionError (a
+ValueError) naming the field, and a tensor or param left over on either side raises too,
+rather than producing a model whose logits silently differ.
+
+Directories are read from safetensors only: PyTorch pickles (pytorch_model.bin) can run
+code when loaded, so they are read only with allow_pickle=True. Shards named by an index
+must lie in the checkpoint's own directory.
 """
 
 from __future__ import annotations
@@ -23,19 +29,21 @@ import os
 from typing import Any
 
 from llm.config import ModelConfig
-from llm.convert import bart, bert, bloom, gpt2, llama, mixtral, t5
+from llm.convert import bart, bert, bloom, gpt2, llama, mixtral, t5, table
 from llm.convert.common import (ConversionError, numpy_state_to_torch, params_to_numpy,
-                                read_safetensors_dir, require, torch_state_to_numpy)
+                                read_safetensors_dir, refuse_pickles, require,
+                                require_hf_libraries, torch_state_to_numpy)
 
 # model_type -> family module (or object with the same functions). Order is
 # to_transformers' preference among families that express a config.
-# A family may also define:
+# A family defines MODEL_TYPE, FIELDS (a table.Fields), config_from_hf(hf_config,
+# scan_layers), config_to_hf(cfg), params_from_hf(state, cfg) and state_to_hf(cfg, params)
+# (its tensor table run by table.params_from_hf / params_to_hf), model_class(); and may
+# define:
 #   LLM_FAMILY                 the ModelConfig.family it converts ("decoder" if absent);
 #   hf_model(cfg, state)       the HF model to load `state` into, when the class depends on
 #                              which heads the params hold (default: model_class()(config));
-#   model_class_for(hf_config) the class a torch-only checkpoint is read with;
-#   SUPPORTS_MOE = True        it maps MoE layers (any other family is refused an MoE config
-#                              here, so dense families need not check cfg.moe themselves).
+#   model_class_for(hf_config) the class a torch-only checkpoint is read with.
 FAMILIES = {gpt2.MODEL_TYPE: gpt2, llama.MODEL_TYPE: llama, bert.BERT.MODEL_TYPE: bert.BERT,
             bert.ROBERTA.MODEL_TYPE: bert.ROBERTA, bloom.MODEL_TYPE: bloom,
             mixtral.MODEL_TYPE: mixtral, t5.MODEL_TYPE: t5, bart.MODEL_TYPE: bart}
@@ -50,27 +58,36 @@ def _family(model_type: str):
   return FAMILIES[model_type]
 
 
-def from_transformers(model_or_dir: Any, scan_layers: bool = True):
+def from_transformers(model_or_dir: Any, scan_layers: bool = True, allow_pickle: bool = False):
   """(ModelConfig, params) from a transformers model object or a saved directory."""
   if isinstance(model_or_dir, (str, os.PathLike)):
-    return load_pretrained(model_or_dir, scan_layers=scan_layers)
+    return load_pretrained(model_or_dir, scan_layers=scan_layers, allow_pickle=allow_pickle)
   hf_config = model_or_dir.config
   family = _family(hf_config.model_type)
   cfg = family.config_from_hf(hf_config, scan_layers)  # config errors before touching weights
   return cfg, family.params_from_hf(torch_state_to_numpy(model_or_dir.state_dict()), cfg)
 
 
-def load_pretrained(directory: str | os.PathLike, scan_layers: bool = True):
-  """from_transformers for a local directory; safetensors are read without torch."""
+def load_pretrained(directory: str | os.PathLike, scan_layers: bool = True,
+                    allow_pickle: bool = False):
+  """from_transformers for a local directory; safetensors are read without torch.
+
+  A directory with only PyTorch pickles (pytorch_model.bin) is refused unless
+  `allow_pickle`: unpickling can run code, so only allow checkpoints you trust.
+  """
   directory = os.fspath(directory)
+  require(os.path.isfile(os.path.join(directory, "config.json")), f"{directory} has no "
+          "config.json: not a Hugging Face checkpoint directory")
   with open(os.path.join(directory, "config.json")) as f:
     family = _family(json.load(f).get("model_type"))
+  require_hf_libraries("transformers")
   from transformers import AutoConfig
   # config.json stores only non-default fields, so the config class fills in the rest.
   hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
   cfg = family.config_from_hf(hf_config, scan_layers)
   state = read_safetensors_dir(directory)
   if state is None:  # a pytorch_model.bin-only checkpoint: let transformers read it
+    refuse_pickles(directory, allow_pickle)
     model_class_for = getattr(family, "model_class_for", lambda _: family.model_class())
     model = model_class_for(hf_config).from_pretrained(directory, local_files_only=True)
     state = torch_state_to_numpy(model.state_dict())
@@ -82,9 +99,7 @@ def _llm_family(family) -> str:
 
 
 def _hf_problems(family, cfg: ModelConfig) -> list[str]:
-  moe = [] if getattr(family, "SUPPORTS_MOE", False) or not cfg.moe.num_experts else [
-      f"moe.num_experts={cfg.moe.num_experts} (a dense family; MoE exports as mixtral)"]
-  return moe + family.hf_problems(cfg)
+  return table.problems(family.MODEL_TYPE, family.FIELDS, cfg)
 
 
 def _pick_family(cfg: ModelConfig, model_type: str | None):
@@ -96,8 +111,7 @@ def _pick_family(cfg: ModelConfig, model_type: str | None):
     family = _family(model_type)
     require(_llm_family(family) == cfg.family, f"{model_type} is a {_llm_family(family)} "
             f"family; config.model.family={cfg.family!r}")
-    problems = _hf_problems(family, cfg)
-    require(not problems, f"{model_type} cannot express config.model: {'; '.join(problems)}")
+    table.check(model_type, family.FIELDS, cfg)
     return family
   reasons = {}
   for name, family in candidates.items():
@@ -114,6 +128,7 @@ def to_transformers(cfg: ModelConfig, params: Any, model_type: str | None = None
   The family is the first in FAMILIES of cfg.family that can express `cfg`, or
   `model_type` if given.
   """
+  require_hf_libraries("transformers", "torch")
   family = _pick_family(cfg, model_type)
   state = family.state_to_hf(cfg, params_to_numpy(params))
   hf_model = getattr(family, "hf_model", None)

@@ -31,11 +31,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from llm.config import ModelConfig, validate_model
-from llm.convert.common import (Params, State, StateReader, hf_field, reject_if, require,
-                                stack_layers, unstack_layers)
+from llm.config import ModelConfig
+from llm.convert import table as t
+from llm.convert.common import Params, State, hf_field, reject_if, require
 
 # HF hidden_act -> ours (BERT's MLM transform uses it too; RoBERTa's is always "gelu").
 _ACT_FROM_HF = {"gelu": "gelu_exact", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu",
@@ -48,23 +46,23 @@ _IGNORE = (r"embeddings\.position_ids$", r"embeddings\.token_type_ids$")
 _MLM_PARAMS = ("mlm_dense", "mlm_norm", "mlm_bias")
 
 
-def _linear_from_hf(get, name: str, in_shape: tuple, out_shape: tuple) -> Params:
-  # torch Linear weights are (out, in); our kernels are (in..., out...).
-  return {"kernel": get(f"{name}.weight").T.reshape(*in_shape, *out_shape),
-          "bias": get(f"{name}.bias").reshape(out_shape)}
-
-
-def _linear_to_hf(name: str, p: Params, size_in: int, size_out: int) -> State:
-  return {f"{name}.weight": p["kernel"].reshape(size_in, size_out).T,
-          f"{name}.bias": p["bias"].reshape(size_out)}
-
-
-def _norm_from_hf(get, name: str) -> Params:
-  return {"scale": get(f"{name}.weight"), "bias": get(f"{name}.bias")}
-
-
-def _norm_to_hf(name: str, p: Params) -> State:
-  return {f"{name}.weight": p["scale"], f"{name}.bias": p["bias"]}
+def _fields(roberta: bool) -> t.Fields:
+  offset = (t.Rule("position_offset", lambda c: c.position_offset >= 1,
+                   ">= 1 (pad_token_id + 1: RoBERTa positions start after the padding row)"),)
+  return t.Fields(
+      fixed={"family": "encoder", "positions": "learned", "norm": "layernorm",
+             "post_norm": True, "embed_norm": True, "use_bias": True, "scale_attention": True,
+             **({} if roberta else {"position_offset": 0})},
+      allowed={"activation": tuple(_ACT_TO_HF)},
+      rules=(t.DENSE, t.NO_GQA, t.HEAD_DIM,
+             t.Rule("type_vocab_size", lambda c: c.type_vocab_size >= 1,
+                    ">= 1 (BERT-style embeddings always add a token-type row)"),
+             *(offset if roberta else ())),
+      carried=("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len",
+               "norm_eps", "type_vocab_size", *(("position_offset",) if roberta else ())),
+      # The Encoder's MLM head always reuses the token embedding, whatever tie_embeddings.
+      unused=("tie_embeddings", "rope_theta", "num_decoder_layers", "relative_buckets",
+              "relative_max_distance", *t.MOE_KNOBS))
 
 
 class EncoderFamily:
@@ -78,6 +76,7 @@ class EncoderFamily:
 
   def __init__(self, model_type: str, base: str, mlm: dict[str, str], classes: str):
     self.MODEL_TYPE = model_type
+    self.FIELDS = _fields(roberta=model_type == "roberta")
     self._base = base
     self._mlm = mlm
     self._classes = classes  # "Bert" -> BertConfig, BertModel, BertForMaskedLM
@@ -126,39 +125,13 @@ class EncoderFamily:
     offset = self._position_offset(hf)
     require(hf.max_position_embeddings > offset, f"{mt} config.max_position_embeddings="
             f"{hf.max_position_embeddings} leaves no positions after the offset {offset}")
-    return validate_model(ModelConfig(
-        family="encoder", vocab_size=hf.vocab_size, d_model=d, num_layers=hf.num_hidden_layers,
+    return t.build_config(
+        mt, self.FIELDS, vocab_size=hf.vocab_size, d_model=d, num_layers=hf.num_hidden_layers,
         num_heads=n, num_kv_heads=n, head_dim=d // n, d_ff=hf.intermediate_size,
-        max_len=hf.max_position_embeddings - offset, positions="learned", norm="layernorm",
-        norm_eps=float(hf.layer_norm_eps), activation=_ACT_FROM_HF[act], use_bias=True,
-        # The Encoder's MLM decoder is always the token embedding; params_from_hf checks it.
-        tie_embeddings=True, dropout=0.0, scan_layers=scan_layers, post_norm=True,
-        embed_norm=True, type_vocab_size=int(hf.type_vocab_size), position_offset=offset))
-
-  def hf_problems(self, cfg: ModelConfig) -> list[str]:
-    """Why this model type cannot express `cfg` (empty when it can)."""
-    mt = self.MODEL_TYPE
-    offset_ok = cfg.position_offset >= 1 if self._roberta else cfg.position_offset == 0
-    checks = [
-        (cfg.family == "encoder", f"family={cfg.family!r} ({mt} needs 'encoder')"),
-        (cfg.positions == "learned", f"positions={cfg.positions!r} ({mt} needs 'learned')"),
-        (offset_ok, f"position_offset={cfg.position_offset} ({mt} needs "
-                    f"{'>= 1 (pad_token_id + 1)' if self._roberta else '0'})"),
-        (cfg.norm == "layernorm", f"norm={cfg.norm!r} ({mt} needs 'layernorm')"),
-        (cfg.post_norm, f"post_norm=False ({mt} blocks are post-norm)"),
-        (cfg.embed_norm, f"embed_norm=False ({mt} normalizes the embeddings)"),
-        (cfg.use_bias, f"use_bias=False ({mt} always has biases)"),
-        (cfg.type_vocab_size >= 1, f"type_vocab_size={cfg.type_vocab_size} ({mt} always has "
-                                   "token-type embeddings)"),
-        (cfg.activation in _ACT_TO_HF, f"activation={cfg.activation!r} ({mt} supports "
-                                       f"{', '.join(_ACT_TO_HF)})"),
-        (cfg.kv_heads == cfg.num_heads, f"num_kv_heads={cfg.num_kv_heads} ({mt} has no GQA)"),
-        (cfg.dim_per_head * cfg.num_heads == cfg.d_model,
-         f"head_dim={cfg.head_dim} ({mt} needs d_model / num_heads)"),
-        (cfg.scale_attention, f"scale_attention=False ({mt} scales by 1/sqrt(head_dim))"),
-        (not cfg.moe.num_experts, f"moe.num_experts={cfg.moe.num_experts} ({mt} is dense)"),
-    ]
-    return [why for ok, why in checks if not ok]
+        max_len=hf.max_position_embeddings - offset, norm_eps=float(hf.layer_norm_eps),
+        activation=_ACT_FROM_HF[act], tie_embeddings=True, dropout=0.0,
+        scan_layers=scan_layers, type_vocab_size=int(hf.type_vocab_size),
+        **({"position_offset": offset} if self._roberta else {}))
 
   def config_to_hf(self, cfg: ModelConfig):
     import transformers
@@ -204,6 +177,40 @@ class EncoderFamily:
 
   # --- weights ---
 
+  def tensors(self, cfg: ModelConfig, mlm: bool, pooler: bool,
+              drop_pooler: bool = False) -> list[t.Entry]:
+    """Names as in *ForMaskedLM (`bert.`-prefixed); `mlm` / `pooler`: which heads there are.
+    *ForMaskedLM has no pooler, so exporting an MLM head leaves ours out (`drop_pooler`;
+    MLM does not train it, and it cannot change the MLM logits)."""
+    d, n, h, f = cfg.d_model, cfg.num_heads, cfg.dim_per_head, cfg.d_ff
+    e, m = f"{self._base}.embeddings", self._mlm
+    block = [*t.linear("attn/query", "attention.self.query", (d,), (n, h), bias=True),
+             *t.linear("attn/key", "attention.self.key", (d,), (n, h), bias=True),
+             *t.linear("attn/value", "attention.self.value", (d,), (n, h), bias=True),
+             *t.linear("attn/out", "attention.output.dense", (n, h), (d,), bias=True),
+             *t.norm("attn_norm", "attention.output.LayerNorm"),
+             *t.linear("mlp/wi", "intermediate.dense", (d,), (f,), bias=True),
+             *t.linear("mlp/wo", "output.dense", (f,), (d,), bias=True),
+             *t.norm("mlp_norm", "output.LayerNorm")]
+    out = [*t.same("pos_embed/embedding", f"{e}.position_embeddings.weight"),
+           *t.same("type_embed/embedding", f"{e}.token_type_embeddings.weight"),
+           *t.norm("embed_norm", f"{e}.LayerNorm"),
+           *t.per_layer(cfg.num_layers, f"{self._base}.encoder.layer.{{i}}", block)]
+    if mlm:
+      untied = ("an untied MLM decoder is not supported (llm Encoder's MLM head always "
+                "reuses the token embedding and mlm_bias)")
+      out += [t.Tied("embed/embedding", (f"{e}.word_embeddings.weight",
+                                         f"{m['decoder']}.weight"), untied),
+              *t.linear("mlm_dense", m["dense"], (d,), (d,), bias=True),
+              *t.norm("mlm_norm", m["norm"]),
+              t.Tied("mlm_bias", (m["bias"], f"{m['decoder']}.bias"), untied)]
+    else:
+      out += t.same("embed/embedding", f"{e}.word_embeddings.weight")
+    if pooler:
+      out += (t.left_out("pooler/kernel", "pooler/bias") if drop_pooler else
+              t.linear("pooler", f"{self._base}.pooler.dense", (d,), (d,), bias=True))
+    return out
+
   def _with_base_prefix(self, state: State) -> State:
     """Base-model checkpoints (BertModel, all-MiniLM) omit the `bert.` of *ForMaskedLM."""
     base = self._base + "."
@@ -212,94 +219,32 @@ class EncoderFamily:
     head = self._mlm["dense"].split(".")[0] + "."
     return {(k if k.startswith(head) else base + k): v for k, v in state.items()}
 
-  def _block_from_hf(self, get, cfg: ModelConfig, i: int) -> Params:
-    p = f"{self._base}.encoder.layer.{i}"
-    d, n, h, f = cfg.d_model, cfg.num_heads, cfg.dim_per_head, cfg.d_ff
-    return {
-        "attn": {"query": _linear_from_hf(get, f"{p}.attention.self.query", (d,), (n, h)),
-                 "key": _linear_from_hf(get, f"{p}.attention.self.key", (d,), (n, h)),
-                 "value": _linear_from_hf(get, f"{p}.attention.self.value", (d,), (n, h)),
-                 "out": _linear_from_hf(get, f"{p}.attention.output.dense", (n, h), (d,))},
-        "attn_norm": _norm_from_hf(get, f"{p}.attention.output.LayerNorm"),
-        "mlp": {"wi": _linear_from_hf(get, f"{p}.intermediate.dense", (d,), (f,)),
-                "wo": _linear_from_hf(get, f"{p}.output.dense", (f,), (d,))},
-        "mlp_norm": _norm_from_hf(get, f"{p}.output.LayerNorm"),
-    }
-
-  def _check_tied(self, get, name: str, tied_to: np.ndarray, what: str) -> None:
-    if get.has(name):
-      require(np.array_equal(get(name), tied_to), f"{self.MODEL_TYPE} checkpoint's {name} "
-              f"differs from {what}: an untied MLM decoder is not supported (llm Encoder's "
-              "MLM head always reuses the token embedding and mlm_bias)")
-
   def params_from_hf(self, state: State, cfg: ModelConfig) -> Params:
     state = self._with_base_prefix(state)
-    get = StateReader(state, self.MODEL_TYPE, _IGNORE)
-    e = f"{self._base}.embeddings"
-    d = cfg.d_model
-    params = {"embed": {"embedding": get(f"{e}.word_embeddings.weight")},
-              "pos_embed": {"embedding": get(f"{e}.position_embeddings.weight")},
-              "type_embed": {"embedding": get(f"{e}.token_type_embeddings.weight")},
-              "embed_norm": _norm_from_hf(get, f"{e}.LayerNorm"),
-              **stack_layers([self._block_from_hf(get, cfg, i) for i in range(cfg.num_layers)],
-                             cfg.scan_layers)}
-    pooler = f"{self._base}.pooler.dense"
-    if get.has(f"{pooler}.weight"):
-      params["pooler"] = _linear_from_hf(get, pooler, (d,), (d,))
     m = self._mlm
-    present = [get.has(f"{m['dense']}.weight"), get.has(f"{m['norm']}.weight"), get.has(m["bias"])]
-    if any(present):
-      require(all(present), f"{self.MODEL_TYPE} checkpoint has a partial MLM head (needs "
-              f"{m['dense']}, {m['norm']} and {m['bias']})")
+    present = [f"{m['dense']}.weight" in state, f"{m['norm']}.weight" in state,
+               m["bias"] in state]
+    require(all(present) or not any(present), f"{self.MODEL_TYPE} checkpoint has a partial "
+            f"MLM head (needs {m['dense']}, {m['norm']} and {m['bias']})")
+    if all(present):
       self._check_mlm_activation(cfg)
-      params["mlm_dense"] = _linear_from_hf(get, m["dense"], (d,), (d,))
-      params["mlm_norm"] = _norm_from_hf(get, m["norm"])
-      params["mlm_bias"] = get(m["bias"])
-      self._check_tied(get, f"{m['decoder']}.weight", params["embed"]["embedding"],
-                       f"{e}.word_embeddings.weight")
-      self._check_tied(get, f"{m['decoder']}.bias", params["mlm_bias"], m["bias"])
-    get.finish()
-    return params
+    pooler = f"{self._base}.pooler.dense.weight" in state
+    return t.params_from_hf(self.tensors(cfg, all(present), pooler), state, self.MODEL_TYPE,
+                            cfg.scan_layers, _IGNORE)
 
   def state_to_hf(self, cfg: ModelConfig, params: Params) -> State:
-    require("classifier" not in params, f"params hold a 'classifier' head: {self.MODEL_TYPE}"
-            "ForSequenceClassification is not mapped yet; drop params['classifier'] to export "
-            "the encoder")
     has_mlm = [k in params for k in _MLM_PARAMS]
     require(all(has_mlm) or not any(has_mlm),
             f"params hold a partial MLM head (need all of {', '.join(_MLM_PARAMS)})")
-    base = f"{self._base}." if all(has_mlm) else ""  # *ForMaskedLM or *Model
-    d, f = cfg.d_model, cfg.d_ff
-    nh = cfg.num_heads * cfg.dim_per_head
-    e = f"{base}embeddings"
-    state = {f"{e}.word_embeddings.weight": params["embed"]["embedding"],
-             f"{e}.position_embeddings.weight": params["pos_embed"]["embedding"],
-             f"{e}.token_type_embeddings.weight": params["type_embed"]["embedding"],
-             **_norm_to_hf(f"{e}.LayerNorm", params["embed_norm"])}
-    for i, b in enumerate(unstack_layers(params, cfg.num_layers)):
-      p = f"{base}encoder.layer.{i}"
-      a = b["attn"]
-      state.update({
-          **_linear_to_hf(f"{p}.attention.self.query", a["query"], d, nh),
-          **_linear_to_hf(f"{p}.attention.self.key", a["key"], d, nh),
-          **_linear_to_hf(f"{p}.attention.self.value", a["value"], d, nh),
-          **_linear_to_hf(f"{p}.attention.output.dense", a["out"], nh, d),
-          **_norm_to_hf(f"{p}.attention.output.LayerNorm", b["attn_norm"]),
-          **_linear_to_hf(f"{p}.intermediate.dense", b["mlp"]["wi"], d, f),
-          **_linear_to_hf(f"{p}.output.dense", b["mlp"]["wo"], f, d),
-          **_norm_to_hf(f"{p}.output.LayerNorm", b["mlp_norm"]),
-      })
-    if all(has_mlm):  # *ForMaskedLM has no pooler: ours, if any, is left out (see top)
+    mlm = all(has_mlm)
+    if mlm:
       self._check_mlm_activation(cfg)
-      m = self._mlm
-      state.update({**_linear_to_hf(m["dense"], params["mlm_dense"], d, d),
-                    **_norm_to_hf(m["norm"], params["mlm_norm"]),
-                    m["bias"]: params["mlm_bias"],
-                    f"{m['decoder']}.weight": params["embed"]["embedding"],
-                    f"{m['decoder']}.bias": params["mlm_bias"]})
-    elif "pooler" in params:
-      state.update(_linear_to_hf("pooler.dense", params["pooler"], d, d))
-    return state
+    entries = self.tensors(cfg, mlm, "pooler" in params, drop_pooler=mlm)
+    state = t.params_to_hf(entries, params, self.MODEL_TYPE)
+    if mlm:  # *ForMaskedLM
+      return state
+    base = self._base + "."  # *Model: no prefix
+    return {k[len(base):] if k.startswith(base) else k: v for k, v in state.items()}
 
 
 BERT = EncoderFamily(
@@ -310,4 +255,3 @@ ROBERTA = EncoderFamily(
     "roberta", base="roberta", classes="Roberta",
     mlm={"dense": "lm_head.dense", "norm": "lm_head.layer_norm", "bias": "lm_head.bias",
          "decoder": "lm_head.decoder"})
-

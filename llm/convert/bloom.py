@@ -30,13 +30,22 @@ from typing import Any
 
 import numpy as np
 
-from llm.config import ModelConfig, validate_model
-from llm.convert.common import (Params, State, StateReader, add_prefix, hf_field,
-                                linear_from_torch, linear_to_torch, reject_if, require,
-                                stack_layers, unstack_layers)
+from llm.config import ModelConfig
+from llm.convert import table as t
+from llm.convert.common import Params, State, add_prefix, hf_field, reject_if, require
 
 MODEL_TYPE = "bloom"
 DEFAULT_MAX_LEN = 2048  # BLOOM's training context, used when the config has no seq_length
+
+FIELDS = t.Fields(
+    fixed={"family": "decoder", "positions": "alibi", "embed_norm": True, "norm": "layernorm",
+           "use_bias": True, "activation": "gelu", "post_norm": False, "scale_attention": True},
+    rules=(t.DENSE, t.NO_GQA, t.HEAD_DIM,
+           t.Rule("d_ff", lambda c: c.d_ff == 4 * c.d_model, "4 * d_model")),
+    carried=("vocab_size", "d_model", "num_layers", "num_heads", "max_len", "norm_eps",
+             "tie_embeddings"),
+    unused=("rope_theta", "num_decoder_layers", "type_vocab_size", "position_offset",
+            "relative_buckets", "relative_max_distance", *t.MOE_KNOBS))
 
 
 def config_from_hf(hf: Any, scan_layers: bool) -> ModelConfig:
@@ -49,71 +58,46 @@ def config_from_hf(hf: Any, scan_layers: bool) -> ModelConfig:
           "mlp.dense_4h_to_h, which llm layers always add")
   d, n = hf.hidden_size, hf.n_head
   require(d % n == 0, f"bloom config.hidden_size={d} is not divisible by config.n_head={n}")
-  return validate_model(ModelConfig(
-      family="decoder", vocab_size=hf.vocab_size, d_model=d, num_layers=hf.n_layer,
+  return t.build_config(
+      MODEL_TYPE, FIELDS, vocab_size=hf.vocab_size, d_model=d, num_layers=hf.n_layer,
       num_heads=n, num_kv_heads=n, head_dim=d // n, d_ff=4 * d,
-      max_len=int(hf_field(hf, "seq_length", None) or DEFAULT_MAX_LEN), positions="alibi",
-      norm="layernorm", norm_eps=float(hf.layer_norm_epsilon), activation="gelu",
-      use_bias=True, embed_norm=True,
+      max_len=int(hf_field(hf, "seq_length", None) or DEFAULT_MAX_LEN),
+      norm_eps=float(hf.layer_norm_epsilon),
       tie_embeddings=bool(hf_field(hf, "tie_word_embeddings", True)), dropout=0.0,
-      scan_layers=scan_layers))
+      scan_layers=scan_layers)
 
 
-def _norm_from_hf(get, name: str) -> Params:
-  return {"scale": get(f"{name}.weight"), "bias": get(f"{name}.bias")}
-
-
-def _norm_to_hf(name: str, p: Params) -> State:
-  return {f"{name}.weight": p["scale"], f"{name}.bias": p["bias"]}
-
-
-def _block_from_hf(get, cfg: ModelConfig, i: int) -> Params:
-  p = f"transformer.h.{i}"
+def tensors(cfg: ModelConfig) -> list[t.Entry]:
   d, n, h, f = cfg.d_model, cfg.num_heads, cfg.dim_per_head, cfg.d_ff
-  qkv_w = get(f"{p}.self_attention.query_key_value.weight").T.reshape(d, n, 3, h)
-  qkv_b = get(f"{p}.self_attention.query_key_value.bias").reshape(n, 3, h)
-  attn = {name: {"kernel": qkv_w[:, :, j], "bias": qkv_b[:, j]}
-          for j, name in enumerate(("query", "key", "value"))}
-  attn["out"] = linear_from_torch(get, f"{p}.self_attention.dense", (n, h), (d,), bias=True)
-  mlp = {"wi": linear_from_torch(get, f"{p}.mlp.dense_h_to_4h", (d,), (f,), bias=True),
-         "wo": linear_from_torch(get, f"{p}.mlp.dense_4h_to_h", (f,), (d,), bias=True)}
-  return {"attn_norm": _norm_from_hf(get, f"{p}.input_layernorm"), "attn": attn,
-          "mlp_norm": _norm_from_hf(get, f"{p}.post_attention_layernorm"), "mlp": mlp}
+  qkv = ("attn/query", "attn/key", "attn/value")
+  # torch (3D, D) rows viewed as (N, 3, H): the per-head [q, k, v] interleaving.
+  block = [
+      *t.norm("attn_norm", "input_layernorm"),
+      t.Tensor(tuple(f"{p}/kernel" for p in qkv), ("self_attention.query_key_value.weight",),
+               lambda w: tuple(np.moveaxis(w.T.reshape(d, n, 3, h), 2, 0)),
+               lambda *ks: (np.stack(ks, axis=2).reshape(d, 3 * d).T,)),
+      t.Tensor(tuple(f"{p}/bias" for p in qkv), ("self_attention.query_key_value.bias",),
+               lambda b: tuple(np.moveaxis(b.reshape(n, 3, h), 1, 0)),
+               lambda *bs: (np.stack(bs, axis=1).reshape(3 * d),)),
+      *t.linear("attn/out", "self_attention.dense", (n, h), (d,), bias=True),
+      *t.norm("mlp_norm", "post_attention_layernorm"),
+      *t.linear("mlp/wi", "mlp.dense_h_to_4h", (d,), (f,), bias=True),
+      *t.linear("mlp/wo", "mlp.dense_4h_to_h", (f,), (d,), bias=True),
+  ]
+  return [*t.embedding_and_head(cfg, "transformer.word_embeddings.weight"),
+          *t.norm("embed_norm", "transformer.word_embeddings_layernorm"),
+          *t.per_layer(cfg.num_layers, "transformer.h.{i}", block),
+          *t.norm("final_norm", "transformer.ln_f")]
 
 
 def params_from_hf(state: State, cfg: ModelConfig) -> Params:
   # The hub's BLOOM checkpoints are saved from BloomModel, without the "transformer." prefix.
   state = add_prefix(state, "transformer.", marker="transformer.")
-  ignore = (r"^lm_head\.weight$",) if cfg.tie_embeddings else ()
-  get = StateReader(state, MODEL_TYPE, ignore)
-  params = {"embed": {"embedding": get("transformer.word_embeddings.weight")},
-            "embed_norm": _norm_from_hf(get, "transformer.word_embeddings_layernorm"),
-            **stack_layers([_block_from_hf(get, cfg, i) for i in range(cfg.num_layers)],
-                           cfg.scan_layers),
-            "final_norm": _norm_from_hf(get, "transformer.ln_f")}
-  if not cfg.tie_embeddings:
-    params["lm_head"] = {"kernel": get("lm_head.weight").T}
-  get.finish()
-  return params
+  return t.params_from_hf(tensors(cfg), state, MODEL_TYPE, cfg.scan_layers)
 
 
-def hf_problems(cfg: ModelConfig) -> list[str]:
-  """Why BLOOM cannot express `cfg` (empty when it can)."""
-  checks = [
-      (cfg.positions == "alibi", f"positions={cfg.positions!r} (bloom needs 'alibi')"),
-      (cfg.embed_norm, "embed_norm=False (bloom always normalizes the embeddings)"),
-      (cfg.norm == "layernorm", f"norm={cfg.norm!r} (bloom needs 'layernorm')"),
-      (cfg.use_bias, "use_bias=False (bloom always has biases)"),
-      (cfg.activation == "gelu", f"activation={cfg.activation!r} (bloom needs 'gelu', "
-                                 "the tanh approximation)"),
-      (cfg.kv_heads == cfg.num_heads, f"num_kv_heads={cfg.num_kv_heads} (bloom has no GQA)"),
-      (cfg.dim_per_head * cfg.num_heads == cfg.d_model,
-       f"head_dim={cfg.head_dim} (bloom needs d_model / num_heads)"),
-      (cfg.d_ff == 4 * cfg.d_model, f"d_ff={cfg.d_ff} (bloom needs 4 * d_model)"),
-      (not cfg.post_norm, "post_norm=True (bloom is pre-norm)"),
-      (cfg.scale_attention, "scale_attention=False (bloom scales by 1/sqrt(head_dim))"),
-  ]
-  return [why for ok, why in checks if not ok]
+def state_to_hf(cfg: ModelConfig, params: Params) -> State:
+  return t.params_to_hf(tensors(cfg), params, MODEL_TYPE)
 
 
 def model_class():
@@ -130,33 +114,3 @@ def config_to_hf(cfg: ModelConfig):
       n_head=cfg.num_heads, layer_norm_epsilon=cfg.norm_eps,
       hidden_dropout=cfg.dropout, attention_dropout=cfg.dropout,
       tie_word_embeddings=cfg.tie_embeddings, seq_length=cfg.max_len)
-
-
-def _block_to_hf(cfg: ModelConfig, i: int, b: Params) -> State:
-  p = f"transformer.h.{i}"
-  d, f = cfg.d_model, cfg.d_ff
-  a, m = b["attn"], b["mlp"]
-  qkv = ("query", "key", "value")
-  # (D, N, 3, H) -> (D, 3D): the per-head [q, k, v] interleaving BloomAttention expects.
-  qkv_w = np.stack([a[k]["kernel"] for k in qkv], axis=2).reshape(d, 3 * d)
-  qkv_b = np.stack([a[k]["bias"] for k in qkv], axis=1).reshape(3 * d)
-  return {
-      **_norm_to_hf(f"{p}.input_layernorm", b["attn_norm"]),
-      f"{p}.self_attention.query_key_value.weight": qkv_w.T,
-      f"{p}.self_attention.query_key_value.bias": qkv_b,
-      **linear_to_torch(f"{p}.self_attention.dense", a["out"], d, d),
-      **_norm_to_hf(f"{p}.post_attention_layernorm", b["mlp_norm"]),
-      **linear_to_torch(f"{p}.mlp.dense_h_to_4h", m["wi"], d, f),
-      **linear_to_torch(f"{p}.mlp.dense_4h_to_h", m["wo"], f, d),
-  }
-
-
-def state_to_hf(cfg: ModelConfig, params: Params) -> State:
-  state = {"transformer.word_embeddings.weight": params["embed"]["embedding"],
-           **_norm_to_hf("transformer.word_embeddings_layernorm", params["embed_norm"]),
-           **_norm_to_hf("transformer.ln_f", params["final_norm"])}
-  for i, block in enumerate(unstack_layers(params, cfg.num_layers)):
-    state.update(_block_to_hf(cfg, i, block))
-  state["lm_head.weight"] = (params["embed"]["embedding"] if cfg.tie_embeddings
-                             else params["lm_head"]["kernel"].T)
-  return state

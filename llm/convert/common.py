@@ -1,8 +1,8 @@
-"""Helpers every family mapping shares: flat HF state dicts <-> nested llm params.
+"""Helpers every family shares: errors, torch <-> numpy, reading checkpoint directories
+(safetensors only, unless pickles are allowed), the HF state reader.
 
-A family file only describes how one HF layer maps onto one llm block; stacking the
-blocks for `nn.scan`, dtype handling and reading safetensors happen here, so a new
-family (BERT, T5, BART, BLOOM, Mixtral) is one new file plus a registry entry.
+The tables each family declares, and the code that checks and runs them, are in
+`llm/convert/table.py`; a new family is one new file plus a registry entry.
 """
 
 from __future__ import annotations
@@ -27,6 +27,16 @@ class ConversionError(ValueError):
 def require(ok: bool, message: str) -> None:
   if not ok:
     raise ConversionError(message)
+
+
+def require_hf_libraries(*names: str) -> None:
+  """A one-line error naming what to install when `transformers` (or torch) is missing:
+  the runtime requirements leave them out."""
+  import importlib.util
+  missing = [n for n in names if importlib.util.find_spec(n) is None]
+  require(not missing, f"Hugging Face checkpoints need {' and '.join(missing)}, which the "
+          "runtime requirements leave out: pip install 'transformers>=4.57,<6' (and torch "
+          "to export), or pip install -e '.[hf]'")
 
 
 def hf_field(hf_config: Any, name: str, default: Any = None) -> Any:
@@ -57,24 +67,6 @@ def numpy_state_to_torch(state: State) -> dict:
 def params_to_numpy(params: Any) -> Any:
   """Unboxes logical-partitioning metadata and pulls arrays to host float32."""
   return jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), nn.unbox(params))
-
-
-# Layer stacking: scanned params hold every block's leaf with a leading layer axis.
-
-def stack_layers(blocks: list[Params], scan_layers: bool) -> Params:
-  if scan_layers:
-    return {"layers": jax.tree_util.tree_map(lambda *xs: np.stack(xs), *blocks)}
-  return {f"layers_{i}": block for i, block in enumerate(blocks)}
-
-
-def unstack_layers(params: Params, num_layers: int) -> list[Params]:
-  """Per-block params, whichever layout `params` uses (trusting the tree, not the cfg)."""
-  if "layers" in params:
-    stacked = params["layers"]
-    return [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(num_layers)]
-  require(all(f"layers_{i}" in params for i in range(num_layers)),
-          f"params hold neither 'layers' nor 'layers_0'..'layers_{num_layers - 1}'")
-  return [params[f"layers_{i}"] for i in range(num_layers)]
 
 
 # Reading a flat HF state, making sure nothing in it was silently dropped.
@@ -125,6 +117,22 @@ def _read_safetensors_file(path: str) -> State:
       return {k: np.asarray(f.get_tensor(k), dtype=np.float32) for k in f.keys()}
 
 
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _shard_path(directory: str, index: str, shard: Any) -> str:
+  """`directory/shard`, refusing names that would read a file outside `directory`. The
+  check is on the name, not the resolved path: the hub's cache links shards to blobs."""
+  parts = os.path.normpath(str(shard)).split(os.sep)
+  require(isinstance(shard, str) and shard and not os.path.isabs(shard) and ".." not in parts,
+          f"{index} names shard {shard!r}, which is outside the model directory; a "
+          "checkpoint's shards must be files in its own directory")
+  path = os.path.join(directory, shard)
+  require(os.path.isfile(path), f"{index} names shard {shard!r}, which is missing from "
+          f"{directory}")
+  return path
+
+
 def read_safetensors_dir(directory: str) -> State | None:
   """All tensors of `model.safetensors` or its sharded index; None if neither exists."""
   single = os.path.join(directory, "model.safetensors")
@@ -133,12 +141,32 @@ def read_safetensors_dir(directory: str) -> State | None:
   index = os.path.join(directory, "model.safetensors.index.json")
   if not os.path.exists(index):
     return None
-  with open(index) as f:
-    shards = sorted(set(json.load(f)["weight_map"].values()))
-  state: State = {}
-  for shard in shards:
-    state.update(_read_safetensors_file(os.path.join(directory, shard)))
-  return state
+  return {k: v for path in index_shards(index) for k, v in _read_safetensors_file(path).items()}
+
+
+def index_shards(index: str) -> list[str]:
+  """The shard files a `*.index.json` names (each inside its directory)."""
+  try:
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    shards = sorted(set(weight_map.values()))
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise ConversionError(f"{index} is not a checkpoint index (a JSON object with a "
+                          f"weight_map of tensor name -> shard file): {e!r}") from None
+  return [_shard_path(os.path.dirname(index), index, shard) for shard in shards]
+
+
+def refuse_pickles(directory: str, allow_pickle: bool) -> None:
+  """PyTorch pickles run code when loaded: read them only when the caller says so."""
+  present = [f for f in PICKLE_FILES if os.path.exists(os.path.join(directory, f))]
+  require(bool(present), f"{directory} holds no weights: no model.safetensors, "
+          "model.safetensors.index.json or pytorch_model.bin")
+  require(allow_pickle, f"{directory} holds only PyTorch pickle weights ({present[0]}), "
+          "which can run code when loaded; convert them to safetensors, or allow them if "
+          "you trust the source: allow_pickle=True (train: --config.train.init_from_pickle="
+          "True)")
+  if present[0].endswith(".index.json"):
+    index_shards(os.path.join(directory, present[0]))
 
 
 def fill_missing(params: Params, defaults: Params) -> Params:
@@ -153,25 +181,6 @@ def fill_missing(params: Params, defaults: Params) -> Params:
   for key, value in defaults.items():
     out[key] = fill_missing(params[key], value) if key in params else value
   return out
-
-
-# torch nn.Linear <-> llm Linear. torch stores (out, in); our kernels are (in..., out...).
-
-def linear_from_torch(get, name: str, in_shape: tuple, out_shape: tuple,
-                      bias: bool) -> Params:
-  """Kernel (in_shape + out_shape) [and bias (out_shape)] from `name`.weight [/ .bias]."""
-  p = {"kernel": get(f"{name}.weight").T.reshape(*in_shape, *out_shape)}
-  if bias:
-    p["bias"] = get(f"{name}.bias").reshape(out_shape)
-  return p
-
-
-def linear_to_torch(name: str, p: Params, size_in: int, size_out: int) -> State:
-  """`name`.weight (size_out, size_in) [and .bias] from an llm Linear's params."""
-  state = {f"{name}.weight": p["kernel"].reshape(size_in, size_out).T}
-  if "bias" in p:
-    state[f"{name}.bias"] = p["bias"].reshape(size_out)
-  return state
 
 
 def default_rope_theta(hf_config: Any, model_type: str) -> float:

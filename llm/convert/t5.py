@@ -31,11 +31,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from llm.config import ModelConfig, validate_model
-from llm.convert.common import (Params, State, StateReader, hf_field, linear_from_torch,
-                                linear_to_torch, require, stack_layers, unstack_layers)
+from llm.config import ModelConfig
+from llm.convert import table as t
+from llm.convert.common import Params, State, hf_field, require
 from llm.layers.mlp import GATED
 
 MODEL_TYPE = "t5"
@@ -49,6 +47,19 @@ _ACT_FROM_HF = {"relu": "relu", "gelu": "gelu_exact", "gelu_new": "gelu",
                 "gated-gelu_pytorch_tanh": "geglu", "gated-silu": "swiglu"}
 _ACT_TO_HF = {"relu": "relu", "gelu_exact": "gelu", "gelu": "gelu_new", "geglu": "gated-gelu",
               "swiglu": "gated-silu"}
+
+FIELDS = t.Fields(
+    fixed={"family": "encoder_decoder", "positions": "relative", "norm": "rmsnorm",
+           "post_norm": False, "embed_norm": False, "use_bias": False,
+           "scale_attention": False},
+    allowed={"activation": tuple(_ACT_TO_HF)},
+    rules=(t.DENSE, t.NO_GQA),
+    carried=("vocab_size", "d_model", "num_layers", "num_decoder_layers", "num_heads",
+             "head_dim", "d_ff", "relative_buckets", "relative_max_distance", "norm_eps",
+             "tie_embeddings"),
+    # Relative positions: no table for max_len to size (it does not survive a round trip);
+    # the EncoderDecoder has no token-type embeddings.
+    unused=("max_len", "rope_theta", "position_offset", "type_vocab_size", *t.MOE_KNOBS))
 
 # Old checkpoints stored a relative bias for the cross-attention that HF never uses.
 _IGNORE = (r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",)
@@ -68,34 +79,14 @@ def config_from_hf(hf: Any, scan_layers: bool) -> ModelConfig:
   require(ffp in _ACT_FROM_HF, f"t5 config.feed_forward_proj={ffp!r} is not supported; "
           f"supported: {', '.join(_ACT_FROM_HF)}")
   n = hf.num_heads
-  return validate_model(ModelConfig(
-      family="encoder_decoder", vocab_size=hf.vocab_size, d_model=hf.d_model,
+  return t.build_config(
+      MODEL_TYPE, FIELDS, vocab_size=hf.vocab_size, d_model=hf.d_model,
       num_layers=hf.num_layers, num_decoder_layers=hf_field(hf, "num_decoder_layers") or
       hf.num_layers, num_heads=n, num_kv_heads=n, head_dim=hf.d_kv, d_ff=hf.d_ff,
-      max_len=MAX_LEN, positions="relative",
-      relative_buckets=int(hf.relative_attention_num_buckets),
-      relative_max_distance=int(hf.relative_attention_max_distance), norm="rmsnorm",
-      norm_eps=float(hf.layer_norm_epsilon), activation=_ACT_FROM_HF[ffp], use_bias=False,
-      tie_embeddings=_scales_tied_head(hf), scale_attention=False, dropout=0.0,
-      scan_layers=scan_layers))
-
-
-def hf_problems(cfg: ModelConfig) -> list[str]:
-  """Why T5 cannot express `cfg` (empty when it can)."""
-  checks = [
-      (cfg.positions == "relative", f"positions={cfg.positions!r} (t5 needs 'relative')"),
-      (cfg.norm == "rmsnorm", f"norm={cfg.norm!r} (t5 needs 'rmsnorm')"),
-      (not cfg.post_norm, "post_norm=True (t5 blocks are pre-norm)"),
-      (not cfg.embed_norm, "embed_norm=True (t5 has no embedding norm)"),
-      (not cfg.use_bias, "use_bias=True (t5 has no biases)"),
-      (not cfg.scale_attention, "scale_attention=True (t5 does not scale by 1/sqrt(head_dim))"),
-      (cfg.activation in _ACT_TO_HF, f"activation={cfg.activation!r} (t5 supports "
-                                     f"{', '.join(_ACT_TO_HF)})"),
-      (cfg.kv_heads == cfg.num_heads, f"num_kv_heads={cfg.num_kv_heads} (t5 has no GQA)"),
-      (cfg.type_vocab_size == 0, f"type_vocab_size={cfg.type_vocab_size} (t5 has no "
-                                 "token-type embeddings)"),
-  ]
-  return [why for ok, why in checks if not ok]
+      max_len=MAX_LEN, relative_buckets=int(hf.relative_attention_num_buckets),
+      relative_max_distance=int(hf.relative_attention_max_distance),
+      norm_eps=float(hf.layer_norm_epsilon), activation=_ACT_FROM_HF[ffp],
+      tie_embeddings=_scales_tied_head(hf), dropout=0.0, scan_layers=scan_layers)
 
 
 def model_class():
@@ -142,112 +133,59 @@ def hf_model(cfg: ModelConfig, state: State):
 
 # --- weights ---
 
-def _attention_from_hf(get, p: str, cfg: ModelConfig) -> Params:
+def _attention(cfg: ModelConfig) -> list[t.Entry]:
   d, n, h = cfg.d_model, cfg.num_heads, cfg.dim_per_head
-  lin = lambda name, i, o: linear_from_torch(get, f"{p}.{name}", i, o, bias=False)
-  return {"query": lin("q", (d,), (n, h)), "key": lin("k", (d,), (n, h)),
-          "value": lin("v", (d,), (n, h)), "out": lin("o", (n, h), (d,))}
+  return [*t.linear("query", "q", (d,), (n, h), bias=False),
+          *t.linear("key", "k", (d,), (n, h), bias=False),
+          *t.linear("value", "v", (d,), (n, h), bias=False),
+          *t.linear("out", "o", (n, h), (d,), bias=False)]
 
 
-def _mlp_from_hf(get, p: str, cfg: ModelConfig) -> Params:
+def _mlp(cfg: ModelConfig) -> list[t.Entry]:
   d, f = cfg.d_model, cfg.d_ff
-  lin = lambda name, i, o: linear_from_torch(get, f"{p}.{name}", i, o, bias=False)
   if cfg.activation in GATED:  # HF: act(wi_0 x) * wi_1 x
-    return {"wi_gate": lin("wi_0", (d,), (f,)), "wi_up": lin("wi_1", (d,), (f,)),
-            "wo": lin("wo", (f,), (d,))}
-  return {"wi": lin("wi", (d,), (f,)), "wo": lin("wo", (f,), (d,))}
+    wi = [*t.linear("wi_gate", "wi_0", (d,), (f,), bias=False),
+          *t.linear("wi_up", "wi_1", (d,), (f,), bias=False)]
+  else:
+    wi = t.linear("wi", "wi", (d,), (f,), bias=False)
+  return [*wi, *t.linear("wo", "wo", (f,), (d,), bias=False)]
 
 
-def _block_from_hf(get, cfg: ModelConfig, stack: str, i: int) -> Params:
-  p = f"{stack}.block.{i}.layer"
-  block = {"attn_norm": {"scale": get(f"{p}.0.layer_norm.weight")},
-           "attn": _attention_from_hf(get, f"{p}.0.SelfAttention", cfg)}
-  ff = 1
-  if stack == "decoder":
-    block["cross_norm"] = {"scale": get(f"{p}.1.layer_norm.weight")}
-    block["cross"] = _attention_from_hf(get, f"{p}.1.EncDecAttention", cfg)
-    ff = 2
-  block["mlp_norm"] = {"scale": get(f"{p}.{ff}.layer_norm.weight")}
-  block["mlp"] = _mlp_from_hf(get, f"{p}.{ff}.DenseReluDense", cfg)
-  return block
+def _stack(cfg: ModelConfig, stack: str, num_layers: int) -> list[t.Entry]:
+  """One stack: HF keeps its relative-position table in block 0's self-attention."""
+  attn = [*t.norm("attn_norm", "0.layer_norm", bias=False),
+          *t.under("attn", "0.SelfAttention", _attention(cfg))]
+  cross = [*t.norm("cross_norm", "1.layer_norm", bias=False),
+           *t.under("cross", "1.EncDecAttention", _attention(cfg))] if stack == "decoder" else []
+  ff = 2 if cross else 1
+  block = [*attn, *cross, *t.norm("mlp_norm", f"{ff}.layer_norm", bias=False),
+           *t.under("mlp", f"{ff}.DenseReluDense", _mlp(cfg))]
+  return t.under(stack, stack, [
+      *t.same("rel_bias", "block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+      *t.per_layer(num_layers, "block.{i}.layer", block),
+      *t.norm("final_norm", "final_layer_norm", bias=False)])
 
 
-def _stack_from_hf(get, cfg: ModelConfig, stack: str, num_layers: int) -> Params:
-  return {"rel_bias": get(f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
-          **stack_layers([_block_from_hf(get, cfg, stack, i) for i in range(num_layers)],
-                         cfg.scan_layers),
-          "final_norm": {"scale": get(f"{stack}.final_layer_norm.weight")}}
-
-
-def _token_embedding(get) -> np.ndarray:
-  """`shared`, or whichever tied copy a checkpoint kept; every copy present must agree."""
-  present = [name for name in _EMBEDDINGS if get.has(name)]
-  require(bool(present), f"t5 checkpoint lacks tensor {_EMBEDDINGS[0]!r}")
-  table = get(present[0])
-  for name in present[1:]:
-    require(np.array_equal(get(name), table), f"t5 checkpoint's {name} differs from "
-            f"{present[0]}: llm EncoderDecoder has one token embedding for both stacks")
-  return table
+def tensors(cfg: ModelConfig) -> list[t.Entry]:
+  one_table = "llm EncoderDecoder has one token embedding for both stacks"
+  if cfg.tie_embeddings:  # v1.0: the rescaled head is the embedding
+    embed = [t.Tied("embed/embedding", (*_EMBEDDINGS, "lm_head.weight"), one_table +
+                    " and, with config.scale_decoder_outputs=True, for its d_model**-0.5-"
+                    "rescaled LM head (scale_decoder_outputs=False (tie_word_embeddings="
+                    "False) gives an untied, unscaled head)")]
+  else:
+    embed = [t.Tied("embed/embedding", _EMBEDDINGS, one_table),
+             *t.transposed("lm_head/kernel", "lm_head.weight")]
+  return [*embed, *_stack(cfg, "encoder", cfg.num_layers),
+          *_stack(cfg, "decoder", cfg.num_decoder_layers or cfg.num_layers)]
 
 
 def params_from_hf(state: State, cfg: ModelConfig) -> Params:
-  get = StateReader(state, MODEL_TYPE, _IGNORE)
-  embedding = _token_embedding(get)
-  num_decoder_layers = cfg.num_decoder_layers or cfg.num_layers
-  params = {"embed": {"embedding": embedding},
-            "encoder": _stack_from_hf(get, cfg, "encoder", cfg.num_layers),
-            "decoder": _stack_from_hf(get, cfg, "decoder", num_decoder_layers)}
-  head = get("lm_head.weight") if get.has("lm_head.weight") else None
-  if cfg.tie_embeddings:
-    require(head is None or np.array_equal(head, embedding), "t5 checkpoint's lm_head.weight "
-            "differs from shared.weight with config.scale_decoder_outputs=True: llm's "
-            "d_model**-0.5-rescaled head is the tied embedding (set scale_decoder_outputs="
-            "False (tie_word_embeddings=False) for an untied, unscaled head)")
-  else:
-    params["lm_head"] = {"kernel": (embedding if head is None else head).T}
-  get.finish()
-  return params
-
-
-def _attention_to_hf(p: str, a: Params, cfg: ModelConfig) -> State:
-  d, nh = cfg.d_model, cfg.num_heads * cfg.dim_per_head
-  return {**linear_to_torch(f"{p}.q", a["query"], d, nh),
-          **linear_to_torch(f"{p}.k", a["key"], d, nh),
-          **linear_to_torch(f"{p}.v", a["value"], d, nh),
-          **linear_to_torch(f"{p}.o", a["out"], nh, d)}
-
-
-def _block_to_hf(cfg: ModelConfig, stack: str, i: int, b: Params) -> State:
-  p = f"{stack}.block.{i}.layer"
-  d, f = cfg.d_model, cfg.d_ff
-  state = {f"{p}.0.layer_norm.weight": b["attn_norm"]["scale"],
-           **_attention_to_hf(f"{p}.0.SelfAttention", b["attn"], cfg)}
-  ff = 1
-  if stack == "decoder":
-    state[f"{p}.1.layer_norm.weight"] = b["cross_norm"]["scale"]
-    state.update(_attention_to_hf(f"{p}.1.EncDecAttention", b["cross"], cfg))
-    ff = 2
-  state[f"{p}.{ff}.layer_norm.weight"] = b["mlp_norm"]["scale"]
-  m, q = b["mlp"], f"{p}.{ff}.DenseReluDense"
-  if cfg.activation in GATED:
-    state.update({**linear_to_torch(f"{q}.wi_0", m["wi_gate"], d, f),
-                  **linear_to_torch(f"{q}.wi_1", m["wi_up"], d, f)})
-  else:
-    state.update(linear_to_torch(f"{q}.wi", m["wi"], d, f))
-  state.update(linear_to_torch(f"{q}.wo", m["wo"], f, d))
-  return state
+  present = [name for name in _EMBEDDINGS if name in state]
+  if not cfg.tie_embeddings and "lm_head.weight" not in state and present:
+    state = {**state, "lm_head.weight": state[present[0]]}  # a v1.1 head saved tied
+  return t.params_from_hf(tensors(cfg), state, MODEL_TYPE, cfg.scan_layers, _IGNORE)
 
 
 def state_to_hf(cfg: ModelConfig, params: Params) -> State:
-  embedding = params["embed"]["embedding"]
-  state = {name: embedding for name in _EMBEDDINGS}
-  state["lm_head.weight"] = (embedding if cfg.tie_embeddings
-                             else params["lm_head"]["kernel"].T)
-  for stack, num_layers in (("encoder", cfg.num_layers),
-                            ("decoder", cfg.num_decoder_layers or cfg.num_layers)):
-    s = params[stack]
-    state[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = s["rel_bias"]
-    state[f"{stack}.final_layer_norm.weight"] = s["final_norm"]["scale"]
-    for i, block in enumerate(unstack_layers(s, num_layers)):
-      state.update(_block_to_hf(cfg, stack, i, block))
-  return state
+  return t.params_to_hf(tensors(cfg), params, MODEL_TYPE)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
-import tempfile
+import uuid
 from typing import Any, Callable, Optional
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir(subdir: str = "") -> pathlib.Path:
@@ -32,14 +35,18 @@ def bytes_digest(data: bytes) -> str:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb"):
-  """Calls `write(file)` on a temp file next to `path`, then renames it into place."""
+  """Calls `write(file)` on a temp file next to `path`, then renames it into place.
+
+  The file gets the permissions the user's umask gives a new file (0o666 & ~umask),
+  as `open` would: cache entries and workdir files are no more readable than that.
+  """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
   try:
     with os.fdopen(fd, mode) as f:
       write(f)
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; cache entries need not be
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -47,12 +54,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     raise
 
 
+def report_corrupt(path: str | os.PathLike, why: str):
+  """A cache entry that does not read back is rebuilt, never fatal: say so once."""
+  log.warning("cache file %s is corrupt (%s); rebuilding it", path, why)
+
+
 def read_json(path: str | os.PathLike) -> Optional[Any]:
   """The cached JSON at `path`, or None if absent or unreadable (then rebuilt)."""
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
-  except (OSError, ValueError):
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as e:
+    report_corrupt(path, f"{type(e).__name__}: {e}")
     return None
 
 

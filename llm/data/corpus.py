@@ -12,6 +12,7 @@ local installation and cached, and is deterministic for a given Python build.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import sys
 import sysconfig
@@ -30,6 +31,9 @@ _SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packa
                         "__pycache__", "turtledemo", "ensurepip", "pydoc_data",
                         "lib-dynload"})
 SPLITS = ("train", "validation")
+# Two domains of the corpus (for domain adaptation): the pydoc topic help (the language
+# reference) and every other text (module, class and function docstrings).
+PARTS = ("topics", "docstrings")
 
 
 def _stdlib_root() -> str:
@@ -131,13 +135,29 @@ def _cache_path():
   return cache.cache_dir("corpus") / f"embedded-{key}.json"
 
 
-def embedded_documents(split: str) -> list[str]:
-  """The embedded corpus's documents of `split` ("train" or "validation")."""
+@functools.lru_cache(maxsize=1)
+def _topic_set(root: str) -> frozenset:
+  return frozenset(text.strip() for text in _topics(root))
+
+
+def embedded_documents(split: str, part: str = "") -> list[str]:
+  """The embedded corpus's documents of `split` ("train" or "validation"); of one of
+  its PARTS only when `part` is given (the split of each document stays the same)."""
+  if part and part not in PARTS:
+    raise ValueError(f"embedded corpus part {part!r}: must be one of {', '.join(PARTS)}")
   if split not in SPLITS:
     raise ValueError(f"embedded corpus split {split!r}: must be one of {', '.join(SPLITS)}")
   path = _cache_path()
   splits = cache.read_json(path)
-  if not isinstance(splits, dict) or set(splits) != set(SPLITS):
+  whole = isinstance(splits, dict) and set(splits) == set(SPLITS) and all(
+      isinstance(docs, list) and all(isinstance(d, str) for d in docs) and docs
+      for docs in splits.values())
+  if not whole:
+    if splits is not None:
+      cache.report_corrupt(path, "not the corpus's splits")
     splits = split_documents(build_documents())
     cache.write_json(path, splits)
-  return list(splits[split])
+  if not part:
+    return list(splits[split])
+  topics = _topic_set(_stdlib_root())
+  return [text for text in splits[split] if (text in topics) == (part == "topics")]

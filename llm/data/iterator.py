@@ -22,7 +22,7 @@ def _num_rows(arrays: Mapping[str, np.ndarray]) -> int:
   return sizes.pop()
 
 
-def _process_slice(batch_size: int, process_index: int, process_count: int) -> slice:
+def process_slice(batch_size: int, process_index: int, process_count: int) -> slice:
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
   if batch_size % process_count:
@@ -45,7 +45,7 @@ class BatchIterator:
     self._arrays = dict(arrays)
     self._batch_size = batch_size
     self._seed = seed
-    self._slice = _process_slice(batch_size, process_index, process_count)
+    self._slice = process_slice(batch_size, process_index, process_count)
     num_rows = _num_rows(self._arrays)
     self._batches_per_epoch = num_rows // batch_size
     if self._batches_per_epoch == 0:
@@ -62,6 +62,11 @@ class BatchIterator:
   def state(self) -> dict[str, int]:
     """JSON-serializable position: the next batch is `index` of epoch `epoch`."""
     return {"epoch": self._epoch, "index": self._index}
+
+  @property
+  def metrics(self) -> dict:
+    """Data metrics for the log (a mixture's tokens per source; none here)."""
+    return {}
 
   @property
   def batches_per_epoch(self) -> int:
@@ -93,7 +98,7 @@ def eval_batches(arrays: Mapping[str, np.ndarray], batch_size: int, num_batches:
   The last batch is topped up with all-zero rows, whose weights are 0, so every
   row counts exactly once in weighted metrics and shapes never change.
   """
-  part = _process_slice(batch_size, process_index, process_count)
+  part = process_slice(batch_size, process_index, process_count)
   num_rows = _num_rows(arrays)
   available = -(-num_rows // batch_size)
   count = available if num_batches <= 0 else min(num_batches, available)

@@ -1,4 +1,5 @@
-"""Multitask mixtures with per-task rates (FLAN / T5 style).
+"""Multitask mixtures with per-task rates (FLAN / T5 style); `WeightedDraws` is the
+sampler under them, also used for pretraining source mixtures (`llm.data.source_mixture`).
 
 Example i of a mixture comes from task t with probability rates[t], independently of
 the others; each task serves its records in a fresh permutation every epoch of its
@@ -42,8 +43,14 @@ def mixing_rates(tasks: Sequence[Task], rates: Optional[Mapping[str, float]] = N
       raise ConfigError(f"mixture cap={cap}: must be >= 1 (or None for no cap)")
     sizes = np.array([len(task.records(split)) for task in tasks], np.float64)
     weights = sizes if cap is None else np.minimum(sizes, cap)
+  return normalized_weights(names, weights, "mixture rates")
+
+
+def normalized_weights(names: Sequence[str], weights, what: str) -> tuple[float, ...]:
+  """`weights` scaled to sum to 1; each must be finite and >= 0, their sum > 0."""
+  weights = np.asarray(weights, np.float64)
   if not np.all(np.isfinite(weights)) or (weights < 0).any() or weights.sum() <= 0:
-    raise ConfigError(f"mixture rates {dict(zip(names, weights.tolist()))}: must be >= 0 "
+    raise ConfigError(f"{what} {dict(zip(names, weights.tolist()))}: must be >= 0 "
                       "with a positive sum")
   return tuple((weights / weights.sum()).tolist())
 
@@ -65,6 +72,48 @@ def _epoch_order(seed: int, task: int, epoch: int, size: int) -> np.ndarray:
   return np.random.default_rng([seed, task, epoch, 1]).permutation(size)
 
 
+class WeightedDraws:
+  """Which part each example of an endless stream comes from, drawn at `rates`, and
+  which of that part's items it is: each part serves its items in a fresh permutation
+  every epoch of its own. A pure function of (seed, example index), so a stream
+  resumes anywhere."""
+
+  def __init__(self, sizes: Sequence[int], rates: Sequence[float], seed: int = 0):
+    self.sizes, self.rates, self.seed = tuple(int(n) for n in sizes), tuple(rates), seed
+
+  def parts(self, start: int, count: int) -> np.ndarray:
+    """The part of each example start, ..., start + count - 1."""
+    if start < 0 or count < 0:
+      raise ConfigError(f"mixture examples [{start}, {start + count}): must be >= 0")
+    first, last = start // _BLOCK, (start + count - 1) // _BLOCK
+    blocks = [_block_choices(self.seed, b, self.rates) for b in range(first, last + 1)]
+    flat = np.concatenate(blocks) if blocks else np.zeros(0, np.int64)
+    return flat[start - first * _BLOCK:][:count]
+
+  def ordinals(self, start: int, parts_N: np.ndarray) -> np.ndarray:
+    """How many earlier examples of the stream each example's part has served."""
+    block = start // _BLOCK
+    before_P = sum((_block_counts(self.seed, b, self.rates) for b in range(block)),
+                   np.zeros(len(self.rates), np.int64))
+    head = self.parts(block * _BLOCK, start - block * _BLOCK)
+    before_P = before_P + np.bincount(head, minlength=len(self.rates))
+    ordinals = np.empty(len(parts_N), np.int64)
+    for t in range(len(self.rates)):
+      at = np.flatnonzero(parts_N == t)
+      ordinals[at] = before_P[t] + np.arange(len(at))
+    return ordinals
+
+  def draws(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(part, item index within the part) of examples start, ..., start + count - 1."""
+    parts_N = self.parts(start, count)
+    items_N = np.empty(len(parts_N), np.int64)
+    for i, (t, ordinal) in enumerate(zip(parts_N.tolist(),
+                                         self.ordinals(start, parts_N).tolist())):
+      size = self.sizes[t]
+      items_N[i] = _epoch_order(self.seed, t, ordinal // size, size)[ordinal % size]
+    return parts_N, items_N
+
+
 class Mixture:
   """An endless, resumable stream of (task name, record) drawn from `tasks` at `rates`."""
 
@@ -78,38 +127,17 @@ class Mixture:
       if not records and rate > 0:
         raise ConfigError(f"mixture: task {task.name!r} has no {split!r} records; "
                           "give it rate 0 or drop it")
+    self._draws = WeightedDraws([len(r) for r in self._records], self.rates, seed)
 
   def task_indices(self, start: int, count: int) -> np.ndarray:
     """Which task each example start, ..., start + count - 1 comes from."""
-    if start < 0 or count < 0:
-      raise ConfigError(f"mixture examples [{start}, {start + count}): must be >= 0")
-    first, last = start // _BLOCK, (start + count - 1) // _BLOCK
-    blocks = [_block_choices(self.seed, b, self.rates) for b in range(first, last + 1)]
-    flat = np.concatenate(blocks) if blocks else np.zeros(0, np.int64)
-    return flat[start - first * _BLOCK:][:count]
-
-  def _ordinals(self, start: int, tasks_N: np.ndarray) -> np.ndarray:
-    """How many earlier examples of the mixture each example's task has served."""
-    block = start // _BLOCK
-    before_T = sum((_block_counts(self.seed, b, self.rates) for b in range(block)),
-                   np.zeros(len(self.rates), np.int64))
-    head = self.task_indices(block * _BLOCK, start - block * _BLOCK)
-    before_T = before_T + np.bincount(head, minlength=len(self.rates))
-    ordinals = np.empty(len(tasks_N), np.int64)
-    for t in range(len(self.rates)):
-      at = np.flatnonzero(tasks_N == t)
-      ordinals[at] = before_T[t] + np.arange(len(at))
-    return ordinals
+    return self._draws.parts(start, count)
 
   def draws(self, start: int, count: int) -> list[tuple[str, dict]]:
     """(task name, record) of examples start, ..., start + count - 1."""
-    tasks_N = self.task_indices(start, count)
-    out = []
-    for t, ordinal in zip(tasks_N.tolist(), self._ordinals(start, tasks_N).tolist()):
-      size = len(self._records[t])
-      index = _epoch_order(self.seed, t, ordinal // size, size)[ordinal % size]
-      out.append((self.tasks[t].name, self._records[t][index]))
-    return out
+    parts_N, items_N = self._draws.draws(start, count)
+    return [(self.tasks[t].name, self._records[t][i])
+            for t, i in zip(parts_N.tolist(), items_N.tolist())]
 
   def pairs(self, start: int, count: int) -> list[tuple[str, str]]:
     """(prompt, completion) of examples start, ..., start + count - 1, by each

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import os
 import pathlib
+import zipfile
 from typing import Optional, Sequence
 
 import numpy as np
@@ -144,6 +145,20 @@ def _dataset_path(data_cfg, tokenizer: Tokenizer, split: str,
   return root / f"{key}.npz"
 
 
+def _read_cached(path: pathlib.Path, seq_len: int):
+  """(arrays, None) if the cached .npz holds whole packed rows, else (None, why)."""
+  try:
+    with np.load(path) as cached:
+      arrays = {name: cached[name] for name in FEATURES}
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # truncated: EOF, zip
+    return None, f"{type(e).__name__}: {e}"
+  shapes = {name: a.shape for name, a in arrays.items()}
+  rows = arrays["inputs"].shape[0] if arrays["inputs"].ndim == 2 else -1
+  if set(shapes.values()) != {(rows, seq_len)}:
+    return None, f"shapes {shapes}, not ({rows}, {seq_len}) each"
+  return arrays, None
+
+
 def build_dataset(data_cfg, tokenizer: Tokenizer, split: str,
                   cache_dir: Optional[str | os.PathLike] = None) -> dict[str, np.ndarray]:
   """Packed arrays of `split` (a name as in config.data.train_split / eval_split).
@@ -153,11 +168,10 @@ def build_dataset(data_cfg, tokenizer: Tokenizer, split: str,
   """
   path = _dataset_path(data_cfg, tokenizer, split, cache_dir)
   if path.exists():
-    try:
-      with np.load(path) as cached:
-        return {name: cached[name] for name in FEATURES}
-    except (OSError, ValueError, KeyError):
-      pass  # unreadable cache entry: rebuild it
+    arrays, why = _read_cached(path, data_cfg.seq_len)
+    if arrays is not None:
+      return arrays
+    cache.report_corrupt(path, why)
   documents = sources.load_documents(data_cfg, split)
   if not documents:
     raise sources.DataError(f"split {split!r} of config.data.source={data_cfg.source!r} "

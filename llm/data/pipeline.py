@@ -81,11 +81,13 @@ def span_batch_fn(data_cfg, tokenizer: Tokenizer) -> BatchFn:
   return span
 
 
-def eval_set(make_batch: BatchFn, rows, batch_size: int, num_batches: int) -> list[Batch]:
-  """Fixed evaluation batches (fixed masks too), the same at every evaluation."""
+def eval_set(make_batch: BatchFn, rows, batch_size: int, num_batches: int,
+             process_index: int = 0, process_count: int = 1) -> list[Batch]:
+  """Fixed evaluation batches (fixed masks too), the same at every evaluation; in a
+  multi-process job each process holds its own rows of every batch."""
   from llm.data.iterator import eval_batches
-  return [make_batch(batch, EVAL_STEP_BASE + i)
-          for i, batch in enumerate(eval_batches(rows, batch_size, num_batches))]
+  return [make_batch(batch, EVAL_STEP_BASE + i) for i, batch in enumerate(
+      eval_batches(rows, batch_size, num_batches, process_index, process_count))]
 
 
 EVAL_STEP_BASE = 1 << 30  # eval draws its masks from seeds no train step uses

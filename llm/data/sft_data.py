@@ -47,7 +47,8 @@ def _has_rate(part: str) -> bool:
 def _jsonl_task(path: str, data_cfg) -> Task:
   template = Template(f"{{{data_cfg.prompt_key}}}", f"{{{data_cfg.completion_key}}}",
                       name=path)
-  records = jsonl_task(path, {"train": path}, template, "exact_match").records("train")
+  records = jsonl_task(path, {"train": path}, template, "exact_match",
+                       encoding=data_cfg.encoding).records("train")
   cut = len(records) - max(1, int(len(records) * HELD_OUT)) if len(records) > 1 else 1
   return Task(path, {"train": tuple(records[:cut]), "validation": tuple(records[cut:])},
               template, "exact_match")
@@ -76,6 +77,8 @@ def sft_split_rows(cfg, data_cfg, tokenizer, split: str) -> dict[str, np.ndarray
   else:
     task_split = "validation" if split == data_cfg.eval_split else split
     pairs = [pair for task in tasks for pair in task.pairs(task_split)]
+  if not pairs:
+    return {}  # the objective names the empty split (llm.objectives.check_rows)
   rows, truncated = sft_rows(pairs, tokenizer, data_cfg.seq_len, cfg.model.family)
   if truncated:
     log.warning("%d of %d %s examples had their prompt cut on the left to fit data.seq_len=%d",

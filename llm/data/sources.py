@@ -2,6 +2,7 @@
 
 Forms:
   embedded                   the corpus built from Python's own documentation
+  embedded:topics | embedded:docstrings   one of its two domains (pydoc topics / docstrings)
   text:PATH[,PATH...]        plain text files or globs; documents are separated
                              by blank lines
   jsonl:PATH[,PATH...]       one JSON object per line, text under config.data.text_key
@@ -14,7 +15,9 @@ split names are passed through verbatim (e.g. "train[:1%]").
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import itertools
 import json
 import os
 import re
@@ -23,7 +26,8 @@ from typing import Any, Iterator, Optional
 
 from llm.data import corpus
 
-VALID_FORMS = "embedded | text:PATH[,PATH...] | jsonl:PATH[,PATH...] | tfds:NAME[/CONFIG][:VERSION]"
+VALID_FORMS = ("embedded | text:PATH[,PATH...] | jsonl:PATH[,PATH...] | tfds:NAME[/CONFIG][:VERSION]"
+               " | embedded:topics | embedded:docstrings")
 _LOCAL_VALIDATION_PERCENT = 2
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -36,8 +40,8 @@ class DataError(ValueError):
 def parse_source(source: str) -> tuple[str, str]:
   """("embedded" | "text" | "jsonl" | "tfds", argument) or a one-line DataError."""
   kind, sep, arg = source.partition(":")
-  if kind == "embedded" and not sep:
-    return kind, ""
+  if kind == "embedded" and (not sep or arg in corpus.PARTS):
+    return kind, arg
   if kind in ("text", "jsonl", "tfds") and arg.strip():
     return kind, arg.strip()
   raise DataError(f"config.data.source={source!r}: expected one of {VALID_FORMS}")
@@ -78,23 +82,43 @@ def resolve_paths(data_cfg, arg: str) -> list[str]:
       paths.append(pattern)
   if not paths:
     raise DataError(f"config.data.source={data_cfg.source!r}: no files given")
+  seen: dict[str, str] = {}
+  for path in paths:  # a file read twice would be trained on twice as often, unasked
+    real = os.path.realpath(path)
+    if real in seen:
+      also = "" if seen[real] == path else f" (also as {seen[real]!r})"
+      raise DataError(f"config.data.source={data_cfg.source!r}: {path!r} is named twice{also}; "
+                      "name each file once")
+    seen[real] = path
   return paths
 
 
-def _read_text(path: str) -> str:
-  # Undecodable bytes become U+FFFD instead of stopping a run on one bad byte.
-  with open(path, encoding="utf-8", errors="replace") as f:
-    return f.read()
+def _read_text(path: str, encoding: str = "utf-8") -> str:
+  """The file's text; a file that cannot be read or decoded is a DataError naming it
+  (bytes replaced by U+FFFD would train the model on garbage without a word)."""
+  try:
+    with open(path, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise DataError(f"{path}: cannot be read ({e.strerror or e}); check its permissions"
+                    ) from None
+  try:
+    return raw.decode(encoding)
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    raise DataError(f"{path}: not valid {encoding} (byte 0x{raw[e.start]:02x} on line {line}); "
+                    "convert the file, or set config.data.encoding to its encoding "
+                    "(e.g. latin-1)") from None
 
 
-def text_file_documents(path: str) -> list[str]:
+def text_file_documents(path: str, encoding: str = "utf-8") -> list[str]:
   """A text file's paragraphs (separated by blank lines), stripped, non-empty."""
-  return [d.strip() for d in _BLANK_LINES.split(_read_text(path)) if d.strip()]
+  return [d.strip() for d in _BLANK_LINES.split(_read_text(path, encoding)) if d.strip()]
 
 
-def jsonl_values(path: str) -> Iterator[tuple[int, Any]]:
+def jsonl_values(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, Any]]:
   """(line number, parsed JSON value) of each non-blank line of a JSONL file."""
-  for number, line in enumerate(_read_text(path).split("\n"), start=1):
+  for number, line in enumerate(_read_text(path, encoding).split("\n"), start=1):
     if not line.strip():
       continue
     try:
@@ -103,9 +127,9 @@ def jsonl_values(path: str) -> Iterator[tuple[int, Any]]:
       raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from None
 
 
-def jsonl_file_documents(path: str, text_key: str) -> list[str]:
+def jsonl_file_documents(path: str, text_key: str, encoding: str = "utf-8") -> list[str]:
   documents = []
-  for number, record in jsonl_values(path):
+  for number, record in jsonl_values(path, encoding):
     text = record.get(text_key) if isinstance(record, dict) else None
     if not isinstance(text, str):
       keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
@@ -132,9 +156,9 @@ def _local_documents(data_cfg, kind: str, arg: str, split: str) -> list[str]:
   documents = []
   for path in resolve_paths(data_cfg, arg):
     if kind == "text":
-      documents.extend(text_file_documents(path))
+      documents.extend(text_file_documents(path, data_cfg.encoding))
     else:
-      documents.extend(jsonl_file_documents(path, data_cfg.text_key))
+      documents.extend(jsonl_file_documents(path, data_cfg.text_key, data_cfg.encoding))
   return hash_split(documents, _LOCAL_VALIDATION_PERCENT)[local_split(data_cfg, split)]
 
 
@@ -155,8 +179,10 @@ def load_documents(data_cfg, split: str, max_chars: Optional[int] = None) -> lis
   to train a tokenizer, without reading all of a large dataset)."""
   kind, arg = parse_source(data_cfg.source)
   limit = data_cfg.max_documents if data_cfg.max_documents > 0 else None
+  if data_cfg.sources:
+    return _mixture_documents(data_cfg, split, max_chars)
   if kind == "embedded":
-    documents = corpus.embedded_documents(local_split(data_cfg, split))
+    documents = corpus.embedded_documents(local_split(data_cfg, split), arg)
   elif kind in ("text", "jsonl"):
     documents = _local_documents(data_cfg, kind, arg, split)
   else:
@@ -167,12 +193,29 @@ def load_documents(data_cfg, split: str, max_chars: Optional[int] = None) -> lis
   return _first_chars(documents[:limit], max_chars)
 
 
+def one_source(data_cfg, source: str):
+  """The data config of one source of a mixture (`config.data.sources`)."""
+  return dataclasses.replace(data_cfg, source=source, sources=())
+
+
+def _mixture_documents(data_cfg, split: str, max_chars: Optional[int]) -> list[str]:
+  """Every source's documents, taken in turn (weights are for sampling, not here), so
+  the first `max_chars` (a tokenizer's training text) come from all of them."""
+  parts = [load_documents(one_source(data_cfg, source), split, max_chars)
+           for source, _ in data_cfg.sources]
+  mixed = [doc for group in itertools.zip_longest(*parts) for doc in group if doc is not None]
+  return _first_chars(mixed, max_chars)
+
+
 def source_fingerprint(data_cfg, split: str) -> Any:
   """What the documents of `split` depend on, for cache keys.
 
   Local files enter by size and modification time, so editing one invalidates
   the caches built from it without hashing gigabytes on every start.
   """
+  if data_cfg.sources:
+    return {"sources": [source_fingerprint(one_source(data_cfg, s), split)
+                        for s, _ in data_cfg.sources]}
   kind, arg = parse_source(data_cfg.source)
   parts: dict[str, Any] = {"source": data_cfg.source, "split": split,
                            "max_documents": data_cfg.max_documents}
@@ -182,7 +225,7 @@ def source_fingerprint(data_cfg, split: str) -> Any:
     stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns)
              for p in resolve_paths(data_cfg, arg)]
     parts.update(files=stats, text_key=data_cfg.text_key,
-                 split_percent=_LOCAL_VALIDATION_PERCENT)
+                 split_percent=_LOCAL_VALIDATION_PERCENT, encoding=data_cfg.encoding)
   else:
     parts.update(data_dir=data_cfg.data_dir, text_key=data_cfg.text_key)
   return parts

@@ -123,11 +123,11 @@ def tfds_task(name: str, *, data_dir: Optional[str] = None, download: bool = Fal
               label_field=spec.label_field)
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def _read_jsonl(path: str, encoding: str) -> list[dict]:
   if not pathlib.Path(path).is_file():
     raise DataError(f"JSONL task file {path!r}: no such file; check the path")
   records = []
-  for number, record in jsonl_values(path):
+  for number, record in jsonl_values(path, encoding):
     if not isinstance(record, dict):
       raise DataError(f"{path}:{number}: a {type(record).__name__}, not a JSON object")
     records.append(record)
@@ -135,10 +135,11 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def jsonl_task(name: str, files: Mapping[str, str], template: Template, metric: str,
-               labels: tuple[str, ...] = (), label_field: str = "label") -> Task:
+               labels: tuple[str, ...] = (), label_field: str = "label",
+               encoding: str = "utf-8") -> Task:
   """A Task from JSONL files, one per split ({"train": path, "test": path, ...}); the
   template names the fields each record must have (checked on every record)."""
-  splits = {split: tuple(_read_jsonl(path)) for split, path in files.items()}
+  splits = {split: tuple(_read_jsonl(path, encoding)) for split, path in files.items()}
   for split, records in splits.items():
     for record in records:
       template.check(record)

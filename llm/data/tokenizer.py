@@ -245,28 +245,50 @@ def _cache_path(data_cfg, vocab_size: int) -> pathlib.Path:
 
 
 def get_tokenizer(data_cfg, vocab_size: int, workdir: str | os.PathLike) -> Tokenizer:
-  """The run's tokenizer: the workdir's, else `tokenizer_path`'s, else a trained one.
+  """The run's tokenizer, saved as `workdir/tokenizer.model` (see `tokenizer_source`),
+  so generation, evaluation and fine-tuning later need only the workdir."""
+  source = tokenizer_source(data_cfg, vocab_size, workdir)
+  install_tokenizer(source, workdir)
+  return Tokenizer.load(pathlib.Path(workdir) / TOKENIZER_FILE)
 
-  Whatever is chosen is saved as `workdir/tokenizer.model`, so generation,
-  evaluation and fine-tuning later need only the workdir.
-  """
+
+def tokenizer_source(data_cfg, vocab_size: int, workdir: str | os.PathLike) -> pathlib.Path:
+  """The file of the run's tokenizer: the workdir's, else `tokenizer_path`, else one
+  trained on the data (cached). Writes nothing into `workdir`."""
   target = pathlib.Path(workdir) / TOKENIZER_FILE
   if target.exists():
-    tokenizer = Tokenizer.load(target)
-    check_vocab_size(tokenizer, vocab_size, f"the workdir's tokenizer {target}")
-    return tokenizer
+    check_vocab_size(Tokenizer.load(target), vocab_size, f"the workdir's tokenizer {target}")
+    return target
   if data_cfg.tokenizer_path:
     if not os.path.exists(data_cfg.tokenizer_path):
       raise ValueError(f"config.data.tokenizer_path={data_cfg.tokenizer_path!r}: no such file")
-    tokenizer = Tokenizer.load(data_cfg.tokenizer_path)
-    check_vocab_size(tokenizer, vocab_size,
+    check_vocab_size(Tokenizer.load(data_cfg.tokenizer_path), vocab_size,
                      f"config.data.tokenizer_path={data_cfg.tokenizer_path!r}")
-    _copy(data_cfg.tokenizer_path, target)
-    return Tokenizer.load(target)
+    return pathlib.Path(data_cfg.tokenizer_path)
   cached = _cache_path(data_cfg, vocab_size)
+  if cached.exists() and not _cached_tokenizer_ok(cached, vocab_size):
+    cached.unlink(missing_ok=True)
   if not cached.exists():
     documents = sources.load_documents(data_cfg, data_cfg.train_split,
                                        max_chars=_MAX_TRAINING_CHARS)
     train_tokenizer(documents, vocab_size, cached, data_cfg.num_sentinels)
-  _copy(cached, target)
-  return Tokenizer.load(target)
+  return cached
+
+
+def _cached_tokenizer_ok(path: pathlib.Path, vocab_size: int) -> bool:
+  """Whether the cached model loads with `vocab_size` pieces; else it is reported."""
+  try:
+    pieces = Tokenizer.load(path).vocab_size
+  except ValueError as e:
+    cache.report_corrupt(path, str(e).split(": ", 1)[-1])
+    return False
+  if pieces != vocab_size:
+    cache.report_corrupt(path, f"{pieces} pieces, not {vocab_size}")
+  return pieces == vocab_size
+
+
+def install_tokenizer(source: str | os.PathLike, workdir: str | os.PathLike) -> None:
+  """Copies the tokenizer file into the workdir (atomically) unless it is already there."""
+  target = pathlib.Path(workdir) / TOKENIZER_FILE
+  if pathlib.Path(source).resolve() != target.resolve():
+    _copy(source, target)

@@ -8,8 +8,6 @@ import re
 from typing import Callable, Sequence
 
 import numpy as np
-import sacrebleu
-from rouge_score import rouge_scorer
 
 from llm.config import ConfigError
 
@@ -28,6 +26,7 @@ def rouge(predictions: Sequence[str], references: Sequence[str],
           use_stemmer: bool = True) -> dict[str, float]:
   """Mean ROUGE-1/2/L F-measures (the stemmer on, as T5's evaluation)."""
   _check_lengths(predictions, references)
+  from rouge_score import rouge_scorer  # imports nltk and scipy: 1.5 s, only when scored
   scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
   scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
   return {name: 100.0 * float(np.mean([s[name].fmeasure for s in scores]))
@@ -37,6 +36,7 @@ def rouge(predictions: Sequence[str], references: Sequence[str],
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
   """sacrebleu's corpus BLEU with its default 13a tokenizer, one reference each."""
   _check_lengths(predictions, references)
+  import sacrebleu
   return {"bleu": float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)}
 
 

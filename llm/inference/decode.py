@@ -21,6 +21,7 @@ import numpy as np
 from flax import struct
 
 from llm.config import ConfigError
+from llm.layers.mlp import FUSED_GATE_UP
 from llm.models.blocks import unscanned
 
 _SELF_ATTENTION_CACHE = ("cached_key", "cached_value")  # (B, K, S, H): grow with the sequence
@@ -99,26 +100,34 @@ def with_cache_len(state: DecodeState, cache_len: int) -> DecodeState:
 
 def fuse_projections(params):
   """A new tree with each self-attention's query/key/value kernels (and biases) as one
-  "qkv" kernel (D, N + 2K, H), which `Attention` uses when present: one matmul instead
-  of three per layer and step. Quantized kernels are left as they are."""
-  names = ("query", "key", "value")
-
+  "qkv" kernel (D, N + 2K, H), and each gated MLP's gate and up kernels as one (D, 2F)
+  kernel, which `Attention` and `MLP` use when present: one matmul instead of three (and
+  of two) per layer and step. Quantized kernels are left as they are."""
   def plain(part) -> bool:  # a float kernel (and bias), nothing wrapped around it
     return (isinstance(part, dict) and set(part) <= {"kernel", "bias"}
             and isinstance(part.get("kernel"), (jax.Array, np.ndarray)))
+
+  def concat(tree, names, fused_name, axis):
+    parts = [tree.pop(p) for p in names]
+    fused = {"kernel": jnp.concatenate([p["kernel"] for p in parts], axis=axis)}
+    if "bias" in parts[0]:
+      fused["bias"] = jnp.concatenate([p["bias"] for p in parts], axis=axis - 1)
+    return {**tree, fused_name: fused}
 
   def fuse(tree, name=""):
     if not isinstance(tree, dict):
       return tree
     tree = {k: fuse(v, k) for k, v in tree.items()}
-    if name != "attn" or not all(plain(tree.get(p)) for p in names):
-      return tree
-    parts = [tree.pop(p) for p in names]
-    fused = {"kernel": jnp.concatenate([p["kernel"] for p in parts], axis=1)}
-    if "bias" in parts[0]:
-      fused["bias"] = jnp.concatenate([p["bias"] for p in parts], axis=0)
-    return {**tree, "qkv": fused}
+    for scope, names, fused_name in _FUSIBLE:
+      if name == scope and all(plain(tree.get(p)) for p in names):
+        tree = concat(tree, names, fused_name, axis=1)
+    return tree
   return fuse(params)
+
+
+# (module scope, kernels, fused name): all concatenated along the kernels' axis 1.
+_FUSIBLE = (("attn", ("query", "key", "value"), "qkv"),
+            ("mlp", ("wi_gate", "wi_up"), FUSED_GATE_UP))
 
 
 def for_decoding(module: nn.Module, params):

@@ -33,8 +33,9 @@ class SamplingConfig:
     object.__setattr__(self, "suppress_ids", tuple(sorted({int(i) for i in self.suppress_ids})))
     if self.max_new_tokens <= 0:
       raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
-    if self.temperature < 0:
-      raise ConfigError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 <= self.temperature < float("inf"):  # nan too
+      raise ConfigError(f"temperature={self.temperature}: must be a finite number >= 0 "
+                        "(0 = greedy)")
     if self.top_k < 0:
       raise ConfigError(f"top_k={self.top_k}: must be >= 0 (0 = no top-k filter)")
     if not 0.0 < self.top_p <= 1.0:

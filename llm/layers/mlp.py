@@ -2,6 +2,7 @@
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from llm.config import ModelConfig
 from llm.layers.linear import Linear
@@ -14,6 +15,7 @@ ACTIVATIONS = {
     "geglu": lambda x: jax.nn.gelu(x, approximate=True),
 }
 GATED = ("swiglu", "geglu")
+FUSED_GATE_UP = "wi_gate_up"  # [gate | up] kernels side by side, (D, 2F)
 
 
 class MLP(nn.Module):
@@ -26,7 +28,12 @@ class MLP(nn.Module):
         features, axes, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         init_std=cfg.init_std, name=name)
     act = ACTIVATIONS[cfg.activation]
-    if cfg.activation in GATED:
+    if cfg.activation in GATED and FUSED_GATE_UP in self.variables.get("params", {}):
+      # fused for decoding (llm.inference.fuse_projections): one matmul, then split
+      gate_BTF, up_BTF = jnp.split(
+          proj((2 * cfg.d_ff,), ("embed", "mlp"), FUSED_GATE_UP)(x_BTD), 2, axis=-1)
+      h_BTF = act(gate_BTF) * up_BTF
+    elif cfg.activation in GATED:
       h_BTF = act(proj((cfg.d_ff,), ("embed", "mlp"), "wi_gate")(x_BTD))
       h_BTF = h_BTF * proj((cfg.d_ff,), ("embed", "mlp"), "wi_up")(x_BTD)
     else:

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from llm.config import ModelConfig
 from llm.layers.common import dtype_of
@@ -132,6 +133,40 @@ def _masked_mean(x_G, valid_G):
   return jnp.sum(x_G * weights_G, axis=0) / jnp.maximum(jnp.sum(weights_G), 1.0)
 
 
+# ----------------------------------------------------------------------------- expert parallelism
+
+
+def _expert_shards() -> int:
+  """Size of the `expert` axis of the mesh in context (1 outside one, e.g. decoding)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty or "expert" not in mesh.axis_names else mesh.shape["expert"]
+
+
+def to_experts(x_BECD: jax.Array) -> jax.Array:
+  """Rows split over the expert axis (as every activation's batch is) -> experts split.
+
+  One all-to-all: each device sends the slots of its rows meant for expert shard j to
+  device j, and receives every row's slots for its own experts. GSPMD left to itself
+  gathers all rows onto every expert device instead (measured on XLA:CPU), moving
+  `expert` / (capacity_factor * top_k) times more data, so the exchange is spelled out
+  with shard_map over the expert axis alone; the other axes stay automatic.
+  """
+  if _expert_shards() == 1:
+    return x_BECD
+  exchange = lambda x: jax.lax.all_to_all(x, "expert", split_axis=1, concat_axis=0, tiled=True)
+  return jax.shard_map(exchange, in_specs=P("expert"), out_specs=P(None, "expert"),
+                       axis_names={"expert"})(x_BECD)
+
+
+def from_experts(y_BECD: jax.Array) -> jax.Array:
+  """The inverse of `to_experts`: each row's expert outputs back to the row's device."""
+  if _expert_shards() == 1:
+    return y_BECD
+  exchange = lambda y: jax.lax.all_to_all(y, "expert", split_axis=0, concat_axis=1, tiled=True)
+  return jax.shard_map(exchange, in_specs=P(None, "expert"), out_specs=P("expert"),
+                       axis_names={"expert"})(y_BECD)
+
+
 # ----------------------------------------------------------------------------- layer
 
 
@@ -200,7 +235,11 @@ class MoE(nn.Module):
     dispatch_BTEC, combine_BTEC, routed = jax.vmap(route)(probs_BTE, valid_G=valid_BT)
 
     dtype = dtype_of(cfg.dtype)
+    # Expert parallelism: rows arrive split over data x fsdp x expert; their slots go to
+    # the devices holding their experts (one all-to-all) and the outputs come back.
+    on_experts = ("act_expert_batch", "act_expert", None)
     x_BECD = jnp.einsum("btec,btd->becd", dispatch_BTEC.astype(dtype), x_BTD.astype(dtype))
+    x_BECD = nn.with_logical_constraint(to_experts(x_BECD), (*on_experts, "act_embed"))
     proj = lambda features, axes, name: ExpertLinear(
         features, axes, use_bias=cfg.use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         init_std=cfg.init_std, name=name)
@@ -210,9 +249,10 @@ class MoE(nn.Module):
       h_BECF = h_BECF * proj(cfg.d_ff, ("expert", "embed", "mlp"), "wi_up")(x_BECD)
     else:
       h_BECF = act(proj(cfg.d_ff, ("expert", "embed", "mlp"), "wi")(x_BECD))
-    h_BECF = nn.with_logical_constraint(h_BECF, ("act_batch", None, None, "act_mlp"))
+    h_BECF = nn.with_logical_constraint(h_BECF, (*on_experts, "act_mlp"))
     h_BECF = nn.Dropout(cfg.dropout)(h_BECF, deterministic=deterministic)
     y_BECD = proj(cfg.d_model, ("expert", "mlp", "embed"), "wo")(h_BECF)
+    y_BECD = from_experts(nn.with_logical_constraint(y_BECD, (*on_experts, "act_embed")))
     y_BTD = jnp.einsum("btec,becd->btd", combine_BTEC.astype(dtype), y_BECD)
 
     # Balance is measured over the whole batch, not per group: the quantity to balance is

@@ -51,6 +51,7 @@ class EncDecBlock(nn.Module):
         x_BTD = norm(x_BTD + self._dropout(sublayer(x_BTD)))
       else:
         x_BTD = x_BTD + self._dropout(sublayer(norm(x_BTD)))
+    x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
     return x_BTD, None
 
   def _dropout(self, h):

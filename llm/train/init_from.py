@@ -25,15 +25,16 @@ def _kind(path: str) -> str:
   return "workdir" if "model" in saved and "train" in saved else "hf"
 
 
-def pretrained(path: str) -> tuple[ModelConfig, dict, str | None]:
-  """(model config, params on the host, tokenizer file or None) stored at `path`."""
+def pretrained(path: str, allow_pickle: bool = False) -> tuple[ModelConfig, dict, str | None]:
+  """(model config, params on the host, tokenizer file or None) stored at `path`;
+  `allow_pickle` lets a Hugging Face directory with only pytorch_model.bin load."""
   if _kind(path) == "workdir":
     from llm.train.loop import load  # the loop imports this module
     cfg, params, _ = load(path)
     model, params = _plain(cfg.model, jax.device_get(params), path)
     return model, params, os.path.join(path, TOKENIZER_FILE)
   from llm.convert import load_pretrained
-  model_cfg, params = load_pretrained(path)
+  model_cfg, params = load_pretrained(path, allow_pickle=allow_pickle)
   return model_cfg, params, None
 
 

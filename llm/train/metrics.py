@@ -10,22 +10,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm.train import safety
+
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsWriter:
-  """Appends one JSON object per record to WORKDIR/metrics.jsonl (process 0 only)."""
+  """Appends one JSON object per record to WORKDIR/metrics.jsonl (process 0 only) and,
+  with `tensorboard`, its scalars to WORKDIR/tensorboard/ for TensorBoard's UI."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, tensorboard: bool = False):
     self.path = os.path.join(workdir, METRICS_FILE)
     self.enabled = jax.process_index() == 0
+    self.events = None
+    if tensorboard and self.enabled:
+      from tensorboardX import SummaryWriter
+      self.events = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), flush_secs=10)
 
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
     clean = {k: to_plain(v) for k, v in record.items()}
-    with open(self.path, "a") as f:
+    with safety.disk_errors(f"writing {self.path}"), open(self.path, "a") as f:
       f.write(json.dumps(clean) + "\n")
+    if self.events is not None:
+      for key, value in clean.items():
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+          self.events.add_scalar(key, value, clean["step"])
+
+  def close(self) -> None:
+    if self.events is not None:  # tensorboardX writes from a queue: close drains it
+      self.events.close()
 
 
 def to_plain(value):
@@ -43,7 +59,45 @@ def read_metrics(workdir: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:  # only the last line can be cut short by a kill or a full disk
+        raise ValueError(f"{path}: line {i + 1} is not JSON; fix or delete that line") from None
+  return records
+
+
+def keep_records_through(workdir: str, step: int) -> None:
+  """Drops the records of steps after `step`: a resumed run replays the steps after its
+  checkpoint, which an interrupted run may already have logged."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill is dropped
+      pass
+  if len(kept) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def latest(workdir: str) -> dict:
+  """The newest value of every metric in metrics.jsonl (train and eval records merged)."""
+  merged: dict = {}
+  for record in read_metrics(workdir):
+    merged.update(record)
+  return merged
 
 
 def plot_losses(workdir: str, out_name: str = "loss.png") -> str | None:

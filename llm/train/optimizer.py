@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import optax
 
 from llm.config import TrainConfig
+from llm.train import safety
 
 
 def schedule(tcfg: TrainConfig) -> optax.Schedule:
@@ -38,7 +39,8 @@ def _decay_mask(params):
 
 
 def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
-  return optax.chain(
+  """Clipped AdamW inside a guard that skips non-finite updates (llm.train.safety)."""
+  return safety.guard_nonfinite(optax.chain(
       optax.clip_by_global_norm(tcfg.grad_clip),
       optax.adamw(schedule(tcfg), b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps,
-                  weight_decay=tcfg.weight_decay, mask=_decay_mask))
+                  weight_decay=tcfg.weight_decay, mask=_decay_mask)))
