@@ -30,6 +30,7 @@ VARIANTS = {
     "distill": ("distill", 300, 3e-3, 16),
     "prune": ("clm", 60, 1e-3, 16),
 }
+SIZES = tuple(VARIANTS)  # what `--config configs/align.py:VARIANT` accepts (--help lists it)
 
 
 def get_config(variant: str = "reward") -> ml_collections.ConfigDict:

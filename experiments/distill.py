@@ -12,22 +12,21 @@ perplexity, the student's hard-label eval loss, and both sizes.
 
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments.common import one_line_errors, start
+from experiments import cli
+from experiments.common import start
 from llm import peft, train
 from llm.compress import distill
 from llm.config import ConfigError
 from llm.eval.report import lm_perplexity
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/align.py:distill",
-                                          "Experiment config.")
+_CONFIG = cli.ConfigFlag("configs/align.py:distill")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The student's checkpoints and metrics.",
                                required=True)
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   cfg = start(_CONFIG.value)
@@ -49,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _CONFIG)

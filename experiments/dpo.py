@@ -12,20 +12,20 @@ of sampled responses to held-out prompts.
 
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments.common import one_line_errors, start
+from experiments import cli
+from experiments.common import start
 from llm import train
 from llm.align.rollout import rate_workdir
 from llm.config import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/align.py:dpo", "Experiment config.")
+_CONFIG = cli.ConfigFlag("configs/align.py:dpo")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics go here.", required=True)
 _RATER = flags.DEFINE_string("rater", None, "A reward model's workdir to score samples with.")
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   cfg = start(_CONFIG.value)
@@ -41,4 +41,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _CONFIG)

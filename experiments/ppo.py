@@ -15,19 +15,19 @@ Prints the last rollout's metrics and a rating of samples on held-out prompts.
 
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments.common import one_line_errors, start
+from experiments import cli
+from experiments.common import start
 from llm.align.rollout import rate_workdir, train_ppo
 from llm.config import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/align.py:ppo", "Experiment config.")
+_CONFIG = cli.ConfigFlag("configs/align.py:ppo")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Metrics, plot and the policy go here.",
                                required=True)
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   cfg = start(_CONFIG.value)
@@ -40,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _CONFIG)

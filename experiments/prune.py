@@ -10,17 +10,17 @@ train.steps is the retraining budget per setting. Writes metrics.jsonl and prune
 prints a markdown table.
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments.common import one_line_errors, start
+from experiments import cli
+from experiments.common import start
 from llm.compress import prune
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/align.py:prune", "Experiment config.")
+_CONFIG = cli.ConfigFlag("configs/align.py:prune")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Metrics and the plot go here.", required=True)
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   cfg = start(_CONFIG.value)
@@ -33,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _CONFIG)

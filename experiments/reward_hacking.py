@@ -10,9 +10,9 @@ Writes OUT/reward_hacking.png and OUT/reward_hacking.md (the table it prints).
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from experiments.common import one_line_errors
+from experiments import cli
 from llm.align.report import hacking_table, plot_hacking
 from llm.align.rollout import rate_workdir
 from llm.train.metrics import read_metrics
@@ -31,7 +31,7 @@ def _named(specs):
   return dict(pairs)
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -51,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,19 +12,19 @@ rates any model's completions: `experiments.evaluate --rater WORKDIR`.
 
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from experiments.common import one_line_errors, start
+from experiments import cli
+from experiments.common import start
 from llm import train
 from llm.align import reward
 from llm.config import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/align.py:reward", "Experiment config.")
+_CONFIG = cli.ConfigFlag("configs/align.py:reward")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics go here.", required=True)
 
 
-@one_line_errors
+@cli.one_line_errors
 def main(argv):
   del argv
   cfg = start(_CONFIG.value)
@@ -39,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _CONFIG)

@@ -199,7 +199,7 @@ def ppo_runs(tiny):
   from llm.train.optimizer import schedule
   from tests.helpers import random_params
   tokenizer, model = tiny
-  model = dict(model, scan_layers=False)  # compiles faster at two layers
+  model = dict(model, num_layers=1, scan_layers=False)  # compiles fastest
   policy = random_params(ScalarHead(ModelConfig(**model), VALUE_HEAD), np.ones((1, 8), np.int32),
                          std=0.1)
   rater = reward.Rater(EvenCount(), {}, tokenizer, 32, "review")
