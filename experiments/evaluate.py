@@ -4,6 +4,8 @@ markdown table (one row per model: before / after fine-tuning shows forgetting).
   python -m experiments.evaluate --workdir runs/gpt_tiny --workdir runs/gpt_tiny_lora \
       --tasks facts,translate --k_shot 0,1,4 --out runs/eval
   python -m experiments.evaluate --workdir runs/gpt_tiny --adapter runs/gpt_tiny_lora/adapter
+  python -m experiments.evaluate --workdir runs/sft --workdir runs/ppo --rater runs/rm
+      # reward-model score (and the hidden rule's true score) of sampled responses
 """
 
 import dataclasses
@@ -27,6 +29,8 @@ _MAX = flags.DEFINE_integer("max_examples", 100, "Examples per task (0 = all).")
 _LM = flags.DEFINE_string("lm_source", "embedded", "Text whose perplexity is reported "
                           "(pretraining data); '' to skip.")
 _OUT = flags.DEFINE_string("out", None, "Directory for results.json and results.md.")
+_RATER = flags.DEFINE_string("rater", None, "A reward model's workdir (experiments.reward_model) "
+                             "that scores responses sampled to its held-out prompts.")
 
 
 @cli.one_line_errors
@@ -43,11 +47,18 @@ def main(argv):
       model_cfg, params = peft.load_adapter(_ADAPTER.value, cfg.model, params)
       cfg, name = dataclasses.replace(cfg, model=model_cfg), _ADAPTER.value
     tasks = _TASKS.value or cfg.data.tasks
-    if not tasks:
+    if not tasks and not _RATER.value:
       raise ValueError(f"--tasks: {workdir} was not fine-tuned on tasks; say which to score")
     results[name] = evaluate_model(cfg, params, tokenizer, tasks, [int(k) for k in _K_SHOT.value],
                                    _SPLIT.value, _MAX.value or None, _LM.value or None)
+    if _RATER.value:
+      from llm.align.reward import Rater
+      from llm.align.rollout import rate_policy
+      results[name]["rater"] = rate_policy(cfg, params, tokenizer, Rater.load(_RATER.value))
   table = markdown_table(results)
+  if _RATER.value:
+    table += "\n\n" + "\n".join(f"{name}: rater {json.dumps(r['rater'])}"
+                                  for name, r in results.items())
   print(table)
   if _OUT.value:
     os.makedirs(_OUT.value, exist_ok=True)

@@ -180,16 +180,55 @@ class ParallelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AlignConfig:
+  """Preference tuning (`llm.align`): reward model, DPO, PPO with a KL penalty."""
+
+  # Preference pairs: a generated task with a hidden rule (llm.data.preferences) or
+  # jsonl:PATH of ranking / pairwise / thumbs records.
+  preferences: str = "review"
+  dpo_beta: float = 0.1  # DPO: strength of the implicit KL to the reference
+  rater: str = ""  # PPO: the reward model's workdir (experiments.reward_model)
+  kl_coef: float = 0.1  # PPO: coefficient of the per-token KL to the reference; 0 = none
+  kl_target: float = 0.0  # > 0: adaptive coefficient (Ziegler et al.) steering KL/response here
+  kl_horizon: int = 10000  # adaptive controller's horizon, in sampled responses
+  rollout_batch: int = 64  # prompts per rollout; train.steps counts rollouts
+  response_len: int = 24  # max new tokens per response
+  temperature: float = 1.0  # rollout sampling temperature
+  ppo_epochs: int = 4  # passes over each rollout batch
+  ppo_minibatches: int = 4  # optimizer updates per pass
+  clip_eps: float = 0.2  # PPO ratio clip
+  value_clip: float = 0.2  # value-prediction clip around the rollout's values
+  value_coef: float = 0.5
+  entropy_coef: float = 0.0
+  gamma: float = 1.0
+  gae_lambda: float = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressConfig:
+  """Distillation and pruning (`llm.compress`)."""
+
+  teacher: str = ""  # distillation: the teacher's workdir (same tokenizer as the student)
+  distill_alpha: float = 0.5  # weight of the soft-label KL; 1 - alpha on the hard labels
+  distill_temperature: float = 2.0
+  sparsities: str = "0,0.25,0.5,0.75,0.9"  # pruning: target shares of zero weights
+  prune_scopes: str = "global,layer"  # global and/or layer (each matrix to the sparsity)
+  nm: str = "2:4"  # N:M structured sparsity (N non-zeros in every M); "" to skip
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
   parallel: ParallelConfig = ParallelConfig()
+  align: AlignConfig = AlignConfig()
+  compress: CompressConfig = CompressConfig()
 
 
 _NESTED = {"MoEConfig": MoEConfig, "PeftConfig": PeftConfig}
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-             "parallel": ParallelConfig}
+             "parallel": ParallelConfig, "align": AlignConfig, "compress": CompressConfig}
 _CHOICES = {
     "model.family": ("decoder", "encoder", "encoder_decoder"),
     "model.positions": ("learned", "rope", "relative", "alibi", "none"),
@@ -228,6 +267,12 @@ RANGES = {
     "train.eval_every": ">= 1", "train.eval_batches": ">= 1", "train.checkpoint_every": ">= 1",
     "train.keep_checkpoints": ">= 1", "train.peak_flops": ">= 0", "train.num_samples": ">= 0",
     "train.sample_tokens": ">= 1",
+    "align.dpo_beta": "> 0", "align.kl_coef": ">= 0", "align.kl_target": ">= 0",
+    "align.kl_horizon": ">= 1", "align.rollout_batch": ">= 1", "align.response_len": ">= 1",
+    "align.temperature": "> 0", "align.ppo_epochs": ">= 1", "align.ppo_minibatches": ">= 1",
+    "align.clip_eps": "(0, 1)", "align.value_clip": "> 0", "align.value_coef": ">= 0",
+    "align.entropy_coef": ">= 0", "align.gamma": "[0, 1]", "align.gae_lambda": "[0, 1]",
+    "compress.distill_alpha": "[0, 1]", "compress.distill_temperature": "> 0",
 }
 
 
@@ -349,7 +394,7 @@ def validate_model(m: ModelConfig) -> ModelConfig:
 def validate(cfg: Config) -> Config:
   validate_model(cfg.model)
   d, t = cfg.data, cfg.train
-  for section in ("data", "train", "parallel"):
+  for section in ("data", "train", "parallel", "align", "compress"):
     _check_ranges(getattr(cfg, section), section)
   _require(d.seq_len <= cfg.model.max_len or cfg.model.positions != "learned",
            f"config.data.seq_len={d.seq_len} exceeds config.model.max_len={cfg.model.max_len}; "
@@ -389,6 +434,7 @@ def validate(cfg: Config) -> Config:
   named = " ".join(f"{axis}={size}" for axis, size in sizes.items())
   _require(list(sizes.values()).count(-1) <= 1,
            f"config.parallel {named}: only one axis may be -1; give the others sizes")
+  validate_align(cfg.align, cfg.compress)
   return cfg
 
 
@@ -408,6 +454,13 @@ def check_sampling(cfg: Config) -> Config:
            f"config.train.sample_tokens={t.sample_tokens}: a prompt plus the samples must fit "
            f"model.max_len={cfg.model.max_len}; lower it (or train.num_samples=0)")
   return cfg
+
+
+def validate_align(a: AlignConfig, c: CompressConfig) -> None:
+  """What RANGES cannot say about the align / compress sections."""
+  _require(a.rollout_batch % a.ppo_minibatches == 0,
+           f"config.align.ppo_minibatches={a.ppo_minibatches}: must divide "
+           f"align.rollout_batch={a.rollout_batch}")
 
 
 def from_configdict(cd: Any) -> Config:

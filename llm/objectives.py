@@ -20,7 +20,7 @@ import optax
 
 from llm.data import pipeline, source_mixture
 from llm.data.sources import DataError
-from llm.models import apply_batch
+from llm.models import apply_batch, build
 
 Batch = dict
 
@@ -82,6 +82,24 @@ class Objective:
 
   def model_kwargs(self, batch: Batch) -> dict:
     return {}
+
+  def configured(self, cfg) -> "Objective":
+    """This objective with the run's settings its loss needs (DPO's beta, a teacher)."""
+    return self
+
+  def build(self, cfg):
+    """The module trained (a reward model or a policy with a value head adds its head)."""
+    return build(cfg.model)
+
+  def trainable(self, cfg) -> str:
+    """Regex over param paths of what trains: train.trainable, else the method's default."""
+    from llm.peft import trainable_pattern
+    return trainable_pattern(cfg.model.peft, cfg.train.trainable)
+
+  def initial_params(self, cfg, params: dict | None) -> dict | None:
+    """The start of training (host arrays; None = random init): pretrained weights
+    overlaid on a fresh init, plus what the objective brings (a distillation teacher)."""
+    return params
 
   def loss(self, module, trainable, frozen, batch: Batch, rng) -> tuple[dict, dict]:
     params = merge_params(trainable, frozen)
@@ -151,3 +169,13 @@ register(Objective("span", ("encoder_decoder",), rows_fn=pipeline.span_rows,
 
 def get(name: str) -> Objective:
   return OBJECTIVES[name]
+
+
+def for_config(cfg) -> Objective:
+  """The run's objective, configured (`Objective.configured`)."""
+  return get(cfg.data.objective).configured(cfg)
+
+
+# Objectives defined beside their methods register themselves when imported.
+from llm.align import dpo, ppo, reward  # noqa: E402,F401
+from llm.compress import distill  # noqa: E402,F401

@@ -117,7 +117,7 @@ COMMAND_LINES = [
     ("--config configs/gpt.py:tinyy --workdir w", "--config configs/gpt.py:tinyy: unknown size "
      "'tinyy' (did you mean tiny?); configs/gpt.py has tiny, small, gpt2, llama"),
     ("--config configs/gptt.py --workdir w", "--config configs/gptt.py: no such file (did you "
-     "mean configs/gpt.py?); config files: configs/bert.py,"),
+     "mean configs/gpt.py?); config files: configs/align.py, configs/bert.py,"),
     ("--workdir w --config", "--config needs a value: --config FILE[:SIZE]"),
     ("--config.train.steps=5", "--workdir is required; see --help"),
     ("--workdir w configs/gpt.py:tiny", "unexpected argument 'configs/gpt.py:tiny': flags are "

@@ -151,8 +151,12 @@ def jsonl_task(name: str, files: Mapping[str, str], template: Template, metric: 
 
 def load_task(spec: str, *, seed: int = 0, data_dir: Optional[str] = None,
               limit: Optional[int] = None) -> Task:
-  """A task by name: "tfds:NAME" (a known TFDS dataset, never downloaded) or a
-  generated one of `llm.data.tasks.TASKS` (deterministic by `seed`)."""
+  """A task by name: "tfds:NAME" (a known TFDS dataset, never downloaded), a generated
+  one of `llm.data.tasks.TASKS` (deterministic by `seed`), or "review", the
+  demonstrations of the generated preference task (`llm.data.preferences`)."""
   if spec.startswith(TFDS_PREFIX):
     return tfds_task(spec[len(TFDS_PREFIX):], data_dir=data_dir, limit=limit)
+  if spec == "review":  # its prompts repeat (16 items), unlike the suite's
+    from llm.data.preferences import review_task
+    return review_task(seed)
   return get_task(spec, seed)

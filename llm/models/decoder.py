@@ -10,6 +10,9 @@ from llm.layers.linear import Linear
 from llm.models.blocks import (Block, Embed, block_stack, check_length, default_positions,
                                make_norm)
 
+OUTPUTS = ("logits", "hidden", "both")
+
+
 class Decoder(nn.Module):
   """tokens (B, T) -> logits (B, T, V) in float32.
 
@@ -17,13 +20,17 @@ class Decoder(nn.Module):
   count of real tokens before each one. `prefix_BT` (prefix LM) marks tokens that
   attend bidirectionally within their segment's prefix. With `decode=True` the call
   appends to the KV cache (see `llm.inference`), so `positions` must then be given.
+  `output`: "logits"; "hidden", the final hidden states (B, T, D) without the LM head
+  (a reward model's backbone); "both", (logits, hidden) (a policy with a value head).
   """
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, decode: bool = False,
-               deterministic: bool = True, prefix_BT=None):
+               deterministic: bool = True, prefix_BT=None, output: str = "logits"):
+    if output not in OUTPUTS:
+      raise ValueError(f"output={output!r}: must be one of {', '.join(OUTPUTS)}")
     cfg = self.cfg
     check_length(cfg, tokens_BT.shape[1])
     if segment_ids_BT is None:
@@ -46,11 +53,14 @@ class Decoder(nn.Module):
     stack = block_stack(Block, cfg, decode=decode, deterministic=deterministic)
     x_BTD = stack(x_BTD, positions_BT, segment_ids_BT, prefix_BT)
     x_BTD = make_norm(cfg, "final_norm")(x_BTD)
+    if output == "hidden" and not self.is_initializing():  # init still makes an untied head
+      return x_BTD
     if cfg.tie_embeddings:
       logits_BTV = embed.attend(x_BTD)
     else:
       logits_BTV = Linear((cfg.vocab_size,), ("embed", "vocab"), dtype=cfg.dtype,
                           param_dtype=cfg.param_dtype, init_std=cfg.init_std,
                           name="lm_head")(x_BTD)
-    return nn.with_logical_constraint(logits_BTV.astype(jnp.float32),
-                                      ("act_batch", "act_length", "act_vocab"))
+    logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32),
+                                            ("act_batch", "act_length", "act_vocab"))
+    return {"logits": logits_BTV, "hidden": x_BTD, "both": (logits_BTV, x_BTD)}[output]

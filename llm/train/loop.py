@@ -49,12 +49,11 @@ def create_state(cfg: Config, mesh, params=None):
 def state_factory(cfg: Config):
   """`init_state` for `cfg` as a function of (params=None, boxed=False). States made by
   one factory share their static fields, so they and their shardings are one pytree type."""
-  module = models.build(cfg.model)
-  objective = objectives.get(cfg.data.objective)
-  trainable = peft.trainable_pattern(cfg.model.peft, cfg.train.trainable)
+  objective = objectives.for_config(cfg)
+  module = objective.build(cfg)
   return functools.partial(init_state, module, functools.partial(objective.loss, module),
                            make_optimizer(cfg.train), objective.example_batch(cfg, 1),
-                           cfg.train.seed, trainable, cfg.train.microbatches)
+                           cfg.train.seed, objective.trainable(cfg), cfg.train.microbatches)
 
 
 def state_shardings(make, mesh):
@@ -62,15 +61,19 @@ def state_shardings(make, mesh):
   return parallel.tree_shardings(jax.eval_shape(functools.partial(make, boxed=True)), mesh)
 
 
-def _initial_params(cfg: Config, base_params) -> dict:
-  """A fresh init of the (adapted) model with every base param from `base_params`."""
-  module = models.build(cfg.model)
-  example = objectives.get(cfg.data.objective).example_batch(cfg, 1)
+def _initial_params(cfg: Config, base_params) -> dict | None:
+  """A fresh init of the (adapted) model with every base param from `base_params`, and
+  what the objective adds (None: random init)."""
+  objective = objectives.for_config(cfg)
+  if base_params is None:
+    return objective.initial_params(cfg, None)
+  module = objective.build(cfg)
+  example = objective.example_batch(cfg, 1)
   fresh = jax.device_get(jax.jit(lambda: init_params(module, example, cfg.train.seed))())
   params = init_from.overlay(fresh, base_params)
   if cfg.model.peft.method == "prompt":
     params = peft.prompt.init_from_vocab(params, cfg.model.peft, cfg.train.seed)
-  return params
+  return objective.initial_params(cfg, params)
 
 
 def compiled_steps(state_shardings, mesh):
@@ -124,7 +127,7 @@ def _run(cfg, workdir, base_params, lock, preemption, progress):
   ckpt.check_config(workdir, cfg, resuming=has_checkpoint)
   tokenizer_file = data_lib.tokenizer_source(dcfg, cfg.model.vocab_size, workdir)
   tokenizer = data_lib.Tokenizer.load(tokenizer_file)
-  objective = objectives.get(dcfg.objective)
+  objective = objectives.for_config(cfg)
   train_rows = objective.rows(cfg, tokenizer, dcfg.train_split)
   eval_rows = objective.rows(cfg, tokenizer, dcfg.eval_split)
   make_batch = objective.batches(cfg, tokenizer)
@@ -135,8 +138,7 @@ def _run(cfg, workdir, base_params, lock, preemption, progress):
   data_lib.install_tokenizer(tokenizer_file, workdir)
   mgr = ckpt.manager(workdir, tcfg.keep_checkpoints)
   resuming = bool(mgr.all_steps())
-  initial = _initial_params(cfg, base_params) if base_params is not None and not resuming \
-      else None
+  initial = None if resuming else _initial_params(cfg, base_params)
   state, shardings = create_state(cfg, mesh, initial)
   data_state = None
   if resuming:
