@@ -61,10 +61,10 @@ class Objective:
   def batches(self, cfg, tokenizer) -> Callable[[Batch, int], Batch]:
     """(rows of one batch, step) -> the model's batch; prompt tuning's virtual tokens are
     put in front here, whatever the objective."""
+    from llm.peft.prompt import num_virtual_tokens, with_virtual_tokens
     make = self.batch_fn(data_config(cfg), tokenizer)
-    if cfg.model.peft.method != "prompt":
+    if not num_virtual_tokens(cfg.model.peft):
       return make
-    from llm.peft.prompt import with_virtual_tokens
     return lambda rows, step: with_virtual_tokens(make(rows, step), cfg.model)
 
   def eval_set(self, cfg, tokenizer, rows) -> list[Batch]:
@@ -123,8 +123,10 @@ def check_rows(rows: Batch, cfg, split: str) -> Batch:
 
 
 def data_config(cfg):
-  """The data config rows are built with: prompt tuning's virtual tokens take seq_len room."""
-  if cfg.model.peft.method != "prompt":
+  """The data config rows are built with: prompt / prefix tuning's virtual tokens take
+  seq_len room."""
+  from llm.peft.prompt import num_virtual_tokens
+  if not num_virtual_tokens(cfg.model.peft):
     return cfg.data
   return dataclasses.replace(cfg.data, seq_len=cfg.data.seq_len - cfg.model.peft.prompt_length)
 
