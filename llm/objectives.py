@@ -153,15 +153,48 @@ def register(objective: Objective) -> Objective:
 
 @dataclasses.dataclass(frozen=True)
 class SupervisedFineTuning(Objective):
-  """Instruction / task fine-tuning: the loss on completion tokens (and EOS) only."""
+  """Instruction / task fine-tuning: the loss on completion tokens (and EOS) only; for an
+  encoder, label classification by a head (`Classification`)."""
 
   def rows(self, cfg, tokenizer, split: str) -> Batch:
     from llm.data.sft_data import sft_split_rows
     return check_rows(sft_split_rows(cfg, data_config(cfg), tokenizer, split), cfg, split)
 
+  def configured(self, cfg) -> Objective:
+    if cfg.model.family == "encoder":
+      return Classification(self.name, self.families)
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification(SupervisedFineTuning):
+  """An encoder's sft: cross-entropy of the classifier head on the [CLS] (first) token
+  against the row's label (the tasks' shared label set); the new head always trains."""
+
+  def example_batch(self, cfg, batch_size: int = 1) -> Batch:
+    return {**super().example_batch(cfg, batch_size),
+            "labels": np.zeros((batch_size,), np.int32)}
+
+  def build(self, cfg):
+    from llm.data.sft_data import classification_labels, load_tasks
+    labels = classification_labels(load_tasks(cfg.data, cfg.data.shuffle_seed)[0])
+    return build(cfg.model, num_labels=len(labels))
+
+  def trainable(self, cfg) -> str:
+    return f"{super().trainable(cfg)}|^classifier/"
+
+  def model_kwargs(self, batch):
+    return {"output": "classify"}
+
+  def loss(self, module, trainable, frozen, batch, rng):
+    logits_BL, aux = apply_batch(module, merge_params(trainable, frozen), batch, rng,
+                                 **self.model_kwargs(batch))
+    real_B = batch["segment_ids"][:, 0] > 0  # eval padding rows carry no label
+    return token_losses(logits_BL, batch["labels"], real_B), aux
+
 
 register(Objective("clm", ("decoder",)))
-register(SupervisedFineTuning("sft", ("decoder", "encoder_decoder")))
+register(SupervisedFineTuning("sft", ("decoder", "encoder_decoder", "encoder")))
 register(PrefixLM("prefix_lm", ("decoder",), batch_fn=pipeline.prefix_lm_batch_fn))
 register(MaskedLM("mlm", ("encoder",), rows_fn=pipeline.mlm_rows,
                   batch_fn=pipeline.mlm_batch_fn))
