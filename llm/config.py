@@ -409,7 +409,7 @@ def validate(cfg: Config) -> Config:
            f"{d.mlm_random_ratio}: must be <= 1 (the rest keep their token)")
   from llm.objectives import OBJECTIVES  # the registry imports this module
   _require(d.objective in OBJECTIVES,
-           f"config.data.objective={d.objective!r}: must be one of {', '.join(OBJECTIVES)}")
+           f"config.data.objective={d.objective!r}: must be one of {', '.join(sorted(OBJECTIVES))}")
   families = OBJECTIVES[d.objective].families
   _require(cfg.model.family in families,
            f"config.data.objective={d.objective!r} trains a {' or '.join(families)} model, "

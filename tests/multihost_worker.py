@@ -74,15 +74,19 @@ def main(argv):
     losses.append(loss)
   preempted_at = None
   if jax.process_count() > 1:  # a preemption notice reaches process 1 only
-    if jax.process_index() == 1:
-      os.kill(os.getpid(), signal.SIGTERM)
     with safety.Preemption() as preemption:
-      for s in range(5, 400):  # the notice reaches the other process in a few RPCs
+      preemption.requested(4, mgr)  # every process's last step is 4
+      if jax.process_index() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      # JAX's sync protocol picks (the processes' last step) + 1, so a step that finishes
+      # before the protocol does would pass it by: pause, as a real (slow) step would.
+      time.sleep(5)
+      for s in range(5, 100):
         state, _ = step(state, s)
-        time.sleep(0.02)
         if preemption.requested(s, mgr):
           preempted_at = s
           break
+        time.sleep(0.1)
   mgr.close()
   print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                     "devices": jax.device_count(), "losses": losses, "data": data_state,
