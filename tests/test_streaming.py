@@ -2,12 +2,14 @@
 resume yields the very next batches, processes read disjoint files, bad files fail by
 name and line, and a streamed run resumes through the train loop's checkpoint."""
 
+import dataclasses
 import json
 import os
 import random
 import tracemalloc
 
 import jax
+import orbax.checkpoint as ocp
 import numpy as np
 import pytest
 
@@ -16,9 +18,11 @@ from llm.config import ConfigError, DataConfig
 from llm.data import DataError, corpus, pipeline, sources, streaming, train_batches
 from llm.data import train_tokenizer
 from llm.data.source_mixture import rows as objective_rows
+from tests import test_train
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron "
-         "pi rho sigma tau upsilon phi chi psi omega").split()
+_LETTERS = random.Random(1)
+WORDS = ["".join(_LETTERS.choice("abcdefghijklmnoprstuvwy") for _ in range(_LETTERS.randint(2, 8)))
+         for _ in range(600)]
 SEQ_LEN, BATCH = 32, 4
 
 
@@ -39,7 +43,9 @@ def write_shards(directory, num_files, docs_per_file, seed=0):
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
   path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-  return train_tokenizer([" ".join(WORDS)] * 20, 300, path, 0)
+  # the vocabulary of tests/test_train.py's model, whose compiled steps the run below shares
+  return train_tokenizer([" ".join(WORDS[i:] + WORDS[:i]) for i in range(0, 600, 50)],
+                         test_train.MODEL["vocab_size"], path, 8)
 
 
 def stream_cfg(directory, **overrides):
@@ -86,6 +92,7 @@ def test_memory_stays_flat_when_the_corpus_grows_tenfold(tmp_path, tok):
   write_shards(small, 2, 300)
   write_shards(large, 2, 3000)  # the same files, each 10x longer (about 1.2 MB in all)
   stream = lambda d: lambda: take(batches_of(stream_cfg(d), tok), 40)
+  stream(small)()  # first-use allocations (imports, caches) are not the corpus's
   peak_1, peak_10 = traced_peak(stream(small)), traced_peak(stream(large))
   assert peak_10 < 1.3 * peak_1 + 64 * 1024, (peak_1, peak_10)
   # The measure would catch an in-memory reader: reading the split grows tenfold.
@@ -179,3 +186,39 @@ def test_bad_streaming_inputs_are_one_line_errors(tmp_path, tok):
   with pytest.raises(ConfigError, match="reads text:/jsonl: files"):
     objective_rows(pipeline.packed_lm_rows, stream_cfg(tmp_path, source="embedded"), tok,
                    "train")
+
+
+def test_a_streamed_run_saves_the_position_of_its_next_batch_in_the_checkpoint(
+    tmp_path, tok, monkeypatch):
+  """The loop trains on the stream and checkpoints its state; restoring that state yields
+  the batches an uninterrupted run trains on next (the loop's restore path is the one
+  tests/test_train.py checks for in-memory data)."""
+  from llm.train import checkpoint as ckpt
+  from llm.train import loop
+  from llm.train import metrics as metrics_lib
+  write_shards(tmp_path / "data", 2, 150)  # ~2% held out: a few validation documents
+  # tests/test_train.py's run on streamed data: the same programs, compiled once per suite
+  cfg = test_train.make_config()
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+      cfg.data, source=f"jsonl:{tmp_path}/data/*.jsonl", streaming=True, max_documents=0,
+      tokenizer_path=tok.path))
+  monkeypatch.setenv("LLM_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setattr(jax, "devices", lambda *a: jax.local_devices()[:1])  # 1-device mesh
+  served, next_batch = [], streaming.StreamIterator.__next__
+  monkeypatch.setattr(streaming.StreamIterator, "__next__",
+                      lambda self: served.append(next_batch(self)) or served[-1])
+  workdir = str(tmp_path / "run")
+  last = loop.run(cfg, workdir, progress=False)
+  monkeypatch.setattr(streaming.StreamIterator, "__next__", next_batch)
+  assert last["step"] == 6 and np.isfinite(last["train_loss"]) and "eval_loss" in last
+  reference = batches_of(cfg.data, tok)
+  assert_same(served, take(reference, 6))
+  following = take(reference, 3)
+  mgr = ckpt.manager(workdir, 3, async_save=False, create=False)
+  for step in (2, 4, 6):
+    saved = mgr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+    resumed = take(batches_of(cfg.data, tok, state=saved), 9 - step)
+    assert_same(resumed, (served + following)[step:])
+  mgr.close()
+  assert [r["step"] for r in metrics_lib.read_metrics(workdir) if "train_loss" in r] == \
+      [1, 2, 3, 4, 5, 6]
