@@ -61,7 +61,8 @@ def test_two_processes_train_as_one_and_a_dead_peer_ends_the_job(tmp_path):
   assert (expected["processes"], expected["devices"]) == (1, 8)
   for out in (out0, out1):
     got = _result(out)
-    assert (got["processes"], got["devices"], got["data"]) == (2, 8, {"position": 2})
+    assert (got["processes"], got["devices"], got["data"]) == (2, 8, {
+        "position": 2, "per_process": [{"process": 0}, {"process": 1}]})
     np.testing.assert_allclose(got["losses"], expected["losses"], rtol=1e-5)
   # Either the collective fails (our one line) or, while it waits, the coordination
   # service misses the peer's heartbeats and terminates the process with its own message.

@@ -274,7 +274,7 @@ class StreamIterator:
     spec = dataclasses.replace(stream.spec, paths=tuple(
         shard_files(stream.spec.paths, process_index, process_count)))
     self._process_index, self._process_count = process_index, process_count
-    self._gather = gather or _allgather
+    self._gather = gather or all_gather_json
     dataset = packed_rows(spec, stream.tokenizer, stream.seq_len)
     self._iterator = iter(dataset.batch(part.stop - part.start, drop_remainder=True))
     if state is not None:
@@ -310,8 +310,9 @@ class StreamIterator:
     return next(self._iterator)
 
 
-def _allgather(own: dict) -> list[dict]:
-  """Every process's JSON state, in process order (a small collective)."""
+def all_gather_json(own: Any) -> list:
+  """Every process's JSON-able `own`, in process order (a small collective; every process
+  must call it)."""
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   blob = np.frombuffer(json.dumps(own).encode(), np.uint8)
   sizes = multihost_utils.process_allgather(np.array([blob.size], np.int64))
