@@ -181,6 +181,12 @@ def test_bad_streaming_inputs_are_one_line_errors(tmp_path, tok):
   (tmp_path / "a.jsonl").write_text('{"text": "alpha beta"}\n{"body": "gamma"}\n')
   with pytest.raises(DataError, match=r"a\.jsonl:2: no string under config.data.text_key"):
     take(batches_of(stream_cfg(tmp_path), tok), 2)
+  (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": w}) + "\n" for w in WORDS[:20]
+                                            if corpus.split_of(w, 2) == "train"))
+  with pytest.raises(DataError, match="hold no validation document; add text"):
+    objective_rows(pipeline.packed_lm_rows, stream_cfg(tmp_path), tok, "validation")
+  with pytest.raises(ConfigError, match="max_documents=5 limits in-memory reading"):
+    objective_rows(pipeline.packed_lm_rows, stream_cfg(tmp_path, max_documents=5), tok, "train")
   with pytest.raises(ConfigError, match="not config.data.objective='mlm'"):
     objective_rows(pipeline.mlm_rows, stream_cfg(tmp_path, objective="mlm"), tok, "train")
   with pytest.raises(ConfigError, match="reads text:/jsonl: files"):
