@@ -13,7 +13,6 @@ import orbax.checkpoint as ocp
 import numpy as np
 import pytest
 
-from llm import config as config_lib
 from llm.config import ConfigError, DataConfig
 from llm.data import DataError, corpus, pipeline, sources, streaming, train_batches
 from llm.data import train_tokenizer

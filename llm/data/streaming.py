@@ -15,13 +15,17 @@ saved in the checkpoint for every process, so a resumed run continues with the v
 next batch. Validation is the ~2% of documents held out by the stable text hash of
 `llm.data.sources` (training skips them); evaluation packs the first of them
 (at most `EVAL_MAX_CHARS` characters) in memory.
+
+grain, not a home-made loader: its packing and iterator states are tested upstream and
+are what JAX users checkpoint. Its states are promised restorable only by the grain
+version that wrote them: requirements.txt keeps it at 0.2.x (check a resume after an upgrade).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import grain
 import numpy as np
