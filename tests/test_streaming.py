@@ -184,6 +184,10 @@ def test_bad_streaming_inputs_are_one_line_errors(tmp_path, tok):
                                             if corpus.split_of(w, 2) == "train"))
   with pytest.raises(DataError, match="hold no validation document; add text"):
     objective_rows(pipeline.packed_lm_rows, stream_cfg(tmp_path), tok, "validation")
+  (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": w}) + "\n" for w in WORDS
+                                            if corpus.split_of(w, 2) == "validation"))
+  with pytest.raises(DataError, match=r"a\.jsonl hold no train document; add text"):
+    take(batches_of(stream_cfg(tmp_path), tok), 1)  # not an endless search
   with pytest.raises(ConfigError, match="max_documents=5 limits in-memory reading"):
     objective_rows(pipeline.packed_lm_rows, stream_cfg(tmp_path, max_documents=5), tok, "train")
   with pytest.raises(ConfigError, match="not config.data.objective='mlm'"):
