@@ -3,6 +3,7 @@ resume yields the very next batches, processes read disjoint files, bad files fa
 name and line, and a streamed run resumes through the train loop's checkpoint."""
 
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -182,7 +183,7 @@ def test_bad_streaming_inputs_are_one_line_errors(tmp_path, tok):
     take(batches_of(stream_cfg(tmp_path), tok), 2)
   (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": w}) + "\n" for w in WORDS[:20]
                                             if corpus.split_of(w, 2) == "train"))
-  with pytest.raises(DataError, match="hold no validation document; add text"):
+  with pytest.raises(DataError, match="split 'validation' of .* has no document; add text"):
     objective_rows(pipeline.packed_lm_rows, stream_cfg(tmp_path), tok, "validation")
   (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": w}) + "\n" for w in WORDS
                                             if corpus.split_of(w, 2) == "validation"))
@@ -231,3 +232,56 @@ def test_a_streamed_run_saves_the_position_of_its_next_batch_in_the_checkpoint(
   mgr.close()
   assert [r["step"] for r in metrics_lib.read_metrics(workdir) if "train_loss" in r] == \
       [1, 2, 3, 4, 5, 6]
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  """A TFDS dataset prepared as array_record: 41 train and 3 validation texts."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  tfds.disable_progress_bar()
+  rng = random.Random(5)
+  texts = {"train": [f"{i} " + " ".join(rng.choices(WORDS, k=rng.randint(3, 30)))
+                     for i in range(41)], "validation": ["held out", "also held", "out"]}
+  directory = tmp_path_factory.mktemp("tfds")
+  with tfds.core.registered.skip_registration():
+
+    class StreamTextForTest(tfds.core.GeneratorBasedBuilder):
+      VERSION = tfds.core.Version("1.0.0")
+
+      def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+      def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(split) for split in texts}
+
+      def _generate_examples(self, split):
+        for i, text in enumerate(texts[split]):
+          yield i, {"text": text}
+
+    StreamTextForTest(data_dir=directory, file_format="array_record").download_and_prepare(
+        file_format="array_record")
+  return str(directory), texts
+
+
+def test_a_tfds_split_streams_by_index_per_process_and_resumes(tfds_dir, tok):
+  directory, texts = tfds_dir
+  cfg = DataConfig(source="tfds:stream_text_for_test", data_dir=directory, seq_len=SEQ_LEN,
+                   batch_size=BATCH, streaming=True, shuffle_seed=3)
+  spec = objective_rows(pipeline.packed_lm_rows, cfg, tok, "train").spec
+  # each process its own examples, together all; every epoch in a new order
+  halves = [list(itertools.islice(streaming.tfds_documents(spec, p, 2), 20 + (p == 0)))
+            for p in range(2)]
+  assert not set(halves[0]) & set(halves[1])
+  assert sorted(halves[0] + halves[1]) == sorted(texts["train"])
+  epochs = list(itertools.islice(streaming.tfds_documents(spec), 3 * 41))
+  assert sorted(epochs[41:82]) == sorted(texts["train"]) and epochs[:41] != epochs[41:82]
+  uninterrupted = take(batches_of(cfg, tok), 30)  # crosses epochs
+  for stop in (3, 17):
+    first = batches_of(cfg, tok)
+    take(first, stop)
+    state = json.loads(json.dumps(first.state))
+    assert_same(take(batches_of(cfg, tok, state=state), 30 - stop), uninterrupted[stop:])
+  evaluation = objective_rows(pipeline.packed_lm_rows, cfg, tok, "validation")
+  assert int(evaluation["weights"].sum()) == sum(len(tok.encode(t)) + 1
+                                                 for t in texts["validation"])

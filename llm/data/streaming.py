@@ -1,6 +1,7 @@
 """Pretraining text that does not fit in memory (`config.data.streaming=True`).
 
-Text / JSONL shards are read lazily, one document at a time, tokenized and packed on
+Text / JSONL shards (or a TFDS split prepared as array_record, read by index) are read
+lazily, one document at a time, tokenized and packed on
 the fly by `grain` (Google's data loader for JAX): documents -> token pairs ->
 `ConcatThenSplitIterDataset` rows of seq_len (a document that does not fit is split,
 the rest opens the next row, positions restart at 0 as in `llm.data.packing`) ->
@@ -8,8 +9,8 @@ batches. Memory holds one open file, the packer's buffer and one batch, whatever
 size of the corpus.
 
 Each process reads only its own files (`shard_files`: file i goes to process
-i % process_count) and makes its own rows of every global batch; the file order is
-shuffled per epoch by (shuffle_seed, epoch). The iterator's position is grain's
+i % process_count; of TFDS, every process_count-th example) and makes its own rows of
+every global batch; the file (example) order is shuffled per epoch by (shuffle_seed, epoch). The iterator's position is grain's
 state: the reader's (epoch, file, byte offset) plus the packer's remainder, JSON-sized,
 saved in the checkpoint for every process, so a resumed run continues with the very
 next batch. Validation is the ~2% of documents held out by the stable text hash of
@@ -196,9 +197,46 @@ def _row(packed: dict) -> Batch:
           "weights": (segment_ids > 0).astype(np.float32)}
 
 
-def packed_rows(spec: FileSpec, tokenizer, seq_len: int) -> grain.IterDataset:
-  """Rows of `packing.FEATURES`, each (seq_len,), of the spec's documents."""
-  pairs = FileDocuments(spec).map(_token_pairs(tokenizer))
+@dataclasses.dataclass(frozen=True)
+class TfdsSpec:
+  """A TFDS split read by index from its random-access (array_record) source."""
+
+  name: str
+  split: str
+  data_dir: Optional[str]
+  download: bool
+  text_key: str
+  seed: int
+
+
+def tfds_documents(spec: TfdsSpec, process_index: int = 0,
+                   process_count: int = 1) -> grain.IterDataset:
+  """Every process_count-th example of the split (this process's), in a fresh order each
+  epoch from (seed, epoch), endlessly, as text."""
+  from llm.data import tfds_source  # pylint: disable=import-outside-toplevel
+  source = tfds_source.random_access_source(spec.name, spec.split, data_dir=spec.data_dir,
+                                            download=spec.download)
+  if len(source) < process_count:
+    raise ConfigError(f"config.data.streaming: split {spec.split!r} of TFDS dataset "
+                      f"{spec.name!r} has {len(source)} examples for {process_count} processes")
+  mine = grain.MapDataset.source(source)[process_index::process_count]
+  text = lambda example: tfds_source.example_text(example, spec.text_key, spec.name)
+  # Read in this thread: grain's reader threads would contend with tokenizing for the GIL.
+  return mine.shuffle(seed=spec.seed).repeat().map(text).to_iter_dataset(
+      grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+
+
+def process_documents(spec, process_index: int = 0, process_count: int = 1):
+  """This process's documents of a FileSpec (its files) or a TfdsSpec (its examples)."""
+  if isinstance(spec, TfdsSpec):
+    return tfds_documents(spec, process_index, process_count)
+  return FileDocuments(dataclasses.replace(
+      spec, paths=tuple(shard_files(spec.paths, process_index, process_count))))
+
+
+def packed_rows(documents_ds: grain.IterDataset, tokenizer, seq_len: int) -> grain.IterDataset:
+  """Rows of `packing.FEATURES`, each (seq_len,), of the documents."""
+  pairs = documents_ds.map(_token_pairs(tokenizer))
   packed = grain.experimental.ConcatThenSplitIterDataset(
       pairs, length_struct={"inputs": seq_len, "targets": seq_len})
   return packed.map(_row)
@@ -208,7 +246,7 @@ def packed_rows(spec: FileSpec, tokenizer, seq_len: int) -> grain.IterDataset:
 class StreamRows:
   """Training rows not yet read: `llm.data.train_batches` streams them (StreamIterator)."""
 
-  spec: FileSpec
+  spec: Any  # FileSpec | TfdsSpec
   tokenizer: Any
   seq_len: int
 
@@ -221,13 +259,14 @@ def file_spec(data_cfg, split: str, paths: Sequence[str], epochs: Optional[int] 
 
 
 def check_streaming(data_cfg, rows_fn) -> list[str]:
-  """The files of a streaming config, or a one-line ConfigError saying what to change."""
+  """The files of a streaming config ([] for TFDS), or a one-line ConfigError saying what
+  to change."""
   kind, arg = sources.parse_source(data_cfg.source)
-  if kind not in ("text", "jsonl") or data_cfg.sources:
-    raise ConfigError(f"config.data.streaming=True reads text:/jsonl: files, not "
+  if kind not in ("text", "jsonl", "tfds") or data_cfg.sources:
+    raise ConfigError(f"config.data.streaming=True reads text:/jsonl: files or tfds:, not "
                       f"config.data.source={data_cfg.source!r}"
                       f"{' with config.data.sources' if data_cfg.sources else ''}; "
-                      "give files or set config.data.streaming=False")
+                      "give one of those or set config.data.streaming=False")
   if rows_fn is not pipeline.packed_lm_rows:
     raise ConfigError(f"config.data.streaming=True packs rows for clm / prefix_lm, not "
                       f"config.data.objective={data_cfg.objective!r}; set "
@@ -235,18 +274,22 @@ def check_streaming(data_cfg, rows_fn) -> list[str]:
   if data_cfg.max_documents:
     raise ConfigError(f"config.data.max_documents={data_cfg.max_documents} limits in-memory "
                       "reading; with config.data.streaming=True set it to 0")
-  return sources.resolve_paths(data_cfg, arg)
+  return [] if kind == "tfds" else sources.resolve_paths(data_cfg, arg)
 
 
 def rows(rows_fn, data_cfg, tokenizer, split: str):
-  """StreamRows for training; evaluation rows (held-out documents) packed in memory."""
+  """StreamRows for training; evaluation rows (the first held-out documents, or the first
+  of TFDS's eval split) packed in memory."""
   paths = check_streaming(data_cfg, rows_fn)
-  if sources.local_split(data_cfg, split) == "train":
-    return StreamRows(file_spec(data_cfg, split, paths), tokenizer, data_cfg.seq_len)
+  kind, arg = sources.parse_source(data_cfg.source)
+  if split == data_cfg.train_split:
+    spec = TfdsSpec(arg, split, data_cfg.data_dir, data_cfg.tfds_download, data_cfg.text_key,
+                    data_cfg.shuffle_seed) if kind == "tfds" else file_spec(data_cfg, split, paths)
+    return StreamRows(spec, tokenizer, data_cfg.seq_len)
   texts = documents(data_cfg, split, EVAL_MAX_CHARS)
   if not texts:
-    raise sources.DataError(f"config.data.streaming: the files of config.data.source="
-                            f"{data_cfg.source!r} hold no validation document; add text")
+    raise sources.DataError(f"config.data.streaming: split {split!r} of config.data.source="
+                            f"{data_cfg.source!r} has no document; add text")
   return packing.pack_documents(packing.tokenize_documents(tokenizer, texts), data_cfg.seq_len,
                                 bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
 
@@ -254,7 +297,10 @@ def rows(rows_fn, data_cfg, tokenizer, split: str):
 def documents(data_cfg, split: str, max_chars: Optional[int]) -> list[str]:
   """The first documents of `split` in file order, up to `max_chars` characters (a
   tokenizer's training text, evaluation text, sample prompts): read lazily."""
-  _, arg = sources.parse_source(data_cfg.source)
+  kind, arg = sources.parse_source(data_cfg.source)
+  if kind == "tfds":  # reads in chunks, stopping at max_chars
+    return sources.load_documents(dataclasses.replace(data_cfg, streaming=False), split,
+                                  max_chars)
   spec = file_spec(data_cfg, split, sources.resolve_paths(data_cfg, arg), epochs=1,
                    shuffle=False)
   texts, total = [], 0
@@ -275,11 +321,10 @@ class StreamIterator:
                process_count: int = 1, gather: Optional[Callable] = None):
     del seed  # in stream.spec
     part = process_slice(batch_size, process_index, process_count)
-    spec = dataclasses.replace(stream.spec, paths=tuple(
-        shard_files(stream.spec.paths, process_index, process_count)))
     self._process_index, self._process_count = process_index, process_count
     self._gather = gather or all_gather_json
-    dataset = packed_rows(spec, stream.tokenizer, stream.seq_len)
+    dataset = packed_rows(process_documents(stream.spec, process_index, process_count),
+                          stream.tokenizer, stream.seq_len)
     self._iterator = iter(dataset.batch(part.stop - part.start, drop_remainder=True))
     if state is not None:
       self._iterator.set_state(self._own_state(state))
