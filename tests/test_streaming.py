@@ -141,6 +141,10 @@ def test_resume_after_an_interruption_yields_the_same_batches(tmp_path, tok):
   assert len({tuple(e) for e in epochs}) > 1
   with pytest.raises(ConfigError, match="not of a streaming run"):
     batches_of(cfg, tok, state={"epoch": 0, "index": 3})
+  in_memory = objective_rows(pipeline.packed_lm_rows, stream_cfg(tmp_path, streaming=False),
+                             tok, "train")
+  with pytest.raises(ConfigError, match="of a streaming run; resume with config.data.stream"):
+    train_batches(in_memory, BATCH, 0, state=state)
 
 
 def test_two_processes_read_disjoint_files_that_cover_all(tmp_path, tok):

@@ -142,5 +142,8 @@ def train_batches(train_rows, batch_size: int, seed: int, state=None, process_in
   kind = MixtureIterator if isinstance(train_rows, MixedRows) else BatchIterator
   if isinstance(train_rows, streaming.StreamRows):
     kind = streaming.StreamIterator
+  elif state is not None and "streaming" in state:
+    raise ConfigError("the checkpoint's data state is of a streaming run; resume with "
+                      "config.data.streaming=True")
   return kind(train_rows, batch_size, seed, state=state, process_index=process_index,
               process_count=process_count)
