@@ -113,6 +113,9 @@ class DataConfig:
   tokenizer_path: Optional[str] = None  # an existing sentencepiece .model; else trained
   num_sentinels: int = 100  # ids reserved for span-corruption sentinels
   max_documents: int = 0  # read at most this many documents per split; 0 = all
+  # Read text:/jsonl: files (or an array_record tfds: split) lazily, tokenized and packed on
+  # the fly, each process its own shard (llm.data.streaming): data larger than memory.
+  streaming: bool = False
   shuffle_seed: int = 0  # seed of the batch order, in [0, 2**32)
   objective: str = "clm"  # clm | mlm | prefix_lm | span (T5 span corruption) | sft
   # sft: comma-separated tasks, each `name[:rate]`: a generated task (llm.data.tasks),

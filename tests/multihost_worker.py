@@ -28,6 +28,7 @@ def main(argv):
   import jax
 
   from llm import config as config_lib
+  from llm.data import streaming
   from llm.train import checkpoint as ckpt
   from llm.train import loop, safety
   import numpy as np
@@ -63,7 +64,9 @@ def main(argv):
     state, loss = step(state, seed)
     losses.append(loss)
   mgr = ckpt.manager(workdir, keep=1, async_save=False)
-  ckpt.save(mgr, 2, state.checkpoint_items(), {"position": 2})
+  # Every process's own data position, gathered as a streaming run saves it.
+  positions = streaming.all_gather_json({"process": jax.process_index()})
+  ckpt.save(mgr, 2, state.checkpoint_items(), {"position": 2, "per_process": positions})
   ckpt.wait(mgr)
   abstract = ckpt.abstract_with_shardings(state.checkpoint_items(),
                                           shardings.checkpoint_items())

@@ -20,6 +20,7 @@ import numpy as np
 
 from llm.config import ConfigError
 from llm.data import sources as sources_lib
+from llm.data import streaming
 from llm.data.iterator import BatchIterator, process_slice
 from llm.data.mixture import WeightedDraws, normalized_weights
 
@@ -61,6 +62,8 @@ class MixedRows:
 def rows(rows_fn: Callable, data_cfg, tokenizer, split: str):
   """`rows_fn(data_cfg, tokenizer, split)`, per source when `data_cfg.sources` is set:
   a MixedRows for training, the sources' rows interleaved for evaluation."""
+  if data_cfg.streaming:
+    return streaming.rows(rows_fn, data_cfg, tokenizer, split)
   if not data_cfg.sources:
     return rows_fn(data_cfg, tokenizer, split)
   names = tuple(source for source, _ in data_cfg.sources)
@@ -134,8 +137,13 @@ class MixtureIterator:
 
 def train_batches(train_rows, batch_size: int, seed: int, state=None, process_index: int = 0,
                   process_count: int = 1):
-  """The training batch iterator for `train_rows`: by weight for a MixedRows, else the
-  shuffled epochs of `BatchIterator`."""
+  """The training batch iterator for `train_rows`: by weight for a MixedRows, streamed for
+  StreamRows (`config.data.streaming`), else the shuffled epochs of `BatchIterator`."""
   kind = MixtureIterator if isinstance(train_rows, MixedRows) else BatchIterator
+  if isinstance(train_rows, streaming.StreamRows):
+    kind = streaming.StreamIterator
+  elif state is not None and "streaming" in state:
+    raise ConfigError("the checkpoint's data state is of a streaming run; resume with "
+                      "config.data.streaming=True")
   return kind(train_rows, batch_size, seed, state=state, process_index=process_index,
               process_count=process_count)
