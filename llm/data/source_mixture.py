@@ -14,13 +14,13 @@ very rows it would have drawn. Evaluation interleaves the sources' validation ro
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from llm.config import ConfigError
 from llm.data import sources as sources_lib
-from llm.data import streaming
 from llm.data.iterator import BatchIterator, process_slice
 from llm.data.mixture import WeightedDraws, normalized_weights
 
@@ -63,6 +63,7 @@ def rows(rows_fn: Callable, data_cfg, tokenizer, split: str):
   """`rows_fn(data_cfg, tokenizer, split)`, per source when `data_cfg.sources` is set:
   a MixedRows for training, the sources' rows interleaved for evaluation."""
   if data_cfg.streaming:
+    from llm.data import streaming  # grain (about 1 s to import) only when streaming
     return streaming.rows(rows_fn, data_cfg, tokenizer, split)
   if not data_cfg.sources:
     return rows_fn(data_cfg, tokenizer, split)
@@ -140,7 +141,8 @@ def train_batches(train_rows, batch_size: int, seed: int, state=None, process_in
   """The training batch iterator for `train_rows`: by weight for a MixedRows, streamed for
   StreamRows (`config.data.streaming`), else the shuffled epochs of `BatchIterator`."""
   kind = MixtureIterator if isinstance(train_rows, MixedRows) else BatchIterator
-  if isinstance(train_rows, streaming.StreamRows):
+  streaming = sys.modules.get("llm.data.streaming")  # imported by whoever streamed the rows
+  if streaming is not None and isinstance(train_rows, streaming.StreamRows):
     kind = streaming.StreamIterator
   elif state is not None and "streaming" in state:
     raise ConfigError("the checkpoint's data state is of a streaming run; resume with "
