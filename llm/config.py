@@ -167,6 +167,9 @@ class TrainConfig:
   # Resume even though steps / batch / sequence length / data changed since the checkpoint.
   allow_config_change: bool = False
   tensorboard: bool = False  # also write WORKDIR/tensorboard/ event files (tensorboardX)
+  # Directory of JAX's persistent compilation cache: a rerun or resume of the same config
+  # loads its compiled steps from there instead of recompiling; "" = off (JAX's default).
+  compilation_cache_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
