@@ -52,6 +52,9 @@ def parse_args():
   p.add_argument("--cpus", default="", help="CPU ids to pin to, e.g. 0,1 (default: all allowed)")
   p.add_argument("--peak_size", type=int, default=2048, help="n of the n x n matmul peak")
   p.add_argument("--model", default="", help="overrides of the model, e.g. scan_layers=False")
+  p.add_argument("--variants", default="",
+                 help="';'-separated extra model overrides timed as more sides of ours, "
+                      "e.g. 'scan_layers=False;remat=dots'")
   return p.parse_args()
 
 
@@ -142,13 +145,15 @@ def matmul_calls(n: int) -> dict:
           "matmul_torch": lambda: torch.mm(t, t)}
 
 
-def timed(fn, calls: int) -> list[float]:
-  out = []
+def timed(fn, calls: int) -> tuple[list[float], list[float]]:
+  """Wall seconds and this process's CPU seconds (all threads) of each call."""
+  wall, cpu = [], []
   for _ in range(calls):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
-    out.append(time.perf_counter() - start)
-  return out
+    wall.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
+  return wall, cpu
 
 
 def xla_flops(cfg: config_lib.Config, tokens: np.ndarray) -> float:
@@ -173,23 +178,31 @@ def main():
   tokens_per_step = args.batch * args.seq
   with json_stdout() as result:
     calls = ours(cfg, tokens)
+    for variant in filter(None, args.variants.split(";")):
+      overrides = ",".join(filter(None, [args.model, variant]))
+      calls[f"ours[{variant}]"] = ours(make_config(args.batch, args.seq, overrides),
+                                       tokens)["ours"]
     calls["plain_jax"] = plain_jax(tokens)
     calls["pytorch"], peer_model = pytorch(tokens)
     calls.update(matmul_calls(args.peak_size))
-    counts = {k: args.steps if k in ("ours", "plain_jax", "pytorch") else
-              args.part_steps if k.startswith("ours_") else 3 for k in calls}
+    counts = {k: args.part_steps if k.startswith("ours_") else 3 if k.startswith("matmul")
+              else args.steps for k in calls}
     for name, fn in calls.items():
       log.info("warming up %s", name)
       timed(fn, args.warmup)
     times = {name: [] for name in calls}
+    cpu_times = {name: [] for name in calls}
     for r in range(args.repeats):
       for name, fn in calls.items():
-        times[name] += timed(fn, counts[name])
+        wall, cpu = timed(fn, counts[name])
+        times[name] += wall
+        cpu_times[name] += cpu
         log.info("repeat %d %s: median %.3f s", r, name,
                  statistics.median(times[name][-counts[name]:]))
     load_after = load_average()
     stats = {name: median_iqr(ts) for name, ts in times.items()}
-    tps = {k: tokens_per_step / stats[k]["median_s"] for k in ("ours", "plain_jax", "pytorch")}
+    steps = [k for k in calls if not k.startswith(("ours_", "matmul"))]
+    tps = {k: tokens_per_step / stats[k]["median_s"] for k in steps}
     peak = {k: 2 * args.peak_size ** 3 / stats[f"matmul_{k}"]["median_s"] for k in ("jax", "torch")}
     flops_per_token = scaling.train_flops_per_token(cfg.model, args.seq)
     xla = xla_flops(cfg, tokens) / tokens_per_step
@@ -202,6 +215,11 @@ def main():
         "speedup_vs_pytorch": tps["ours"] / tps["pytorch"],
         "speedup_vs_plain_jax": tps["ours"] / tps["plain_jax"],
         "seconds_per_call": stats,
+        # On a shared machine wall time counts others' work too; CPU seconds (summed
+        # over threads, spin-waits included) show what each side itself spent.
+        "cpu_seconds_per_call": {k: median_iqr(v) for k, v in cpu_times.items()},
+        "tokens_per_cpu_s": {k: tokens_per_step / statistics.median(cpu_times[k])
+                             for k in steps},
         "model_flops_per_token": flops_per_token,
         "xla_flops_per_token_forward_backward_unscanned": xla,
         "model_flops_per_s": model_flops,
