@@ -201,10 +201,10 @@ class AlignConfig:
   ppo_minibatches: int = 4  # optimizer updates per pass
   clip_eps: float = 0.2  # PPO ratio clip
   value_clip: float = 0.2  # value-prediction clip around the rollout's values
-  value_coef: float = 0.5
-  entropy_coef: float = 0.0
-  gamma: float = 1.0
-  gae_lambda: float = 0.95
+  value_coef: float = 0.5  # weight of the value-head loss in the PPO objective
+  entropy_coef: float = 0.0  # weight of the policy-entropy bonus (0 = none)
+  gamma: float = 1.0  # GAE discount per token
+  gae_lambda: float = 0.95  # GAE bias-variance trade-off (1 = Monte Carlo returns)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +213,7 @@ class CompressConfig:
 
   teacher: str = ""  # distillation: the teacher's workdir (same tokenizer as the student)
   distill_alpha: float = 0.5  # weight of the soft-label KL; 1 - alpha on the hard labels
-  distill_temperature: float = 2.0
+  distill_temperature: float = 2.0  # softens teacher and student logits; the KL is scaled by T^2
   sparsities: str = "0,0.25,0.5,0.75,0.9"  # pruning: target shares of zero weights
   prune_scopes: str = "global,layer"  # global and/or layer (each matrix to the sparsity)
   nm: str = "2:4"  # N:M structured sparsity (N non-zeros in every M); "" to skip
