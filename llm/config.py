@@ -116,6 +116,9 @@ class DataConfig:
   tokenizer_path: Optional[str] = None  # an existing sentencepiece .model; else trained
   num_sentinels: int = 100  # ids reserved for span-corruption sentinels
   max_documents: int = 0  # read at most this many documents per split; 0 = all
+  # Read text:/jsonl: files (or an array_record tfds: split) lazily, tokenized and packed on
+  # the fly, each process its own shard (llm.data.streaming): data larger than memory.
+  streaming: bool = False
   shuffle_seed: int = 0  # seed of the batch order, in [0, 2**32)
   objective: str = "clm"  # clm | mlm | prefix_lm | span (T5 span corruption) | sft
   # sft: comma-separated tasks, each `name[:rate]`: a generated task (llm.data.tasks),
@@ -415,7 +418,7 @@ def validate(cfg: Config) -> Config:
            f"{d.mlm_random_ratio}: must be <= 1 (the rest keep their token)")
   from llm.objectives import OBJECTIVES  # the registry imports this module
   _require(d.objective in OBJECTIVES,
-           f"config.data.objective={d.objective!r}: must be one of {', '.join(OBJECTIVES)}")
+           f"config.data.objective={d.objective!r}: must be one of {', '.join(sorted(OBJECTIVES))}")
   families = OBJECTIVES[d.objective].families
   _require(cfg.model.family in families,
            f"config.data.objective={d.objective!r} trains a {' or '.join(families)} model, "

@@ -28,6 +28,7 @@ def main(argv):
   import jax
 
   from llm import config as config_lib
+  from llm.data import streaming
   from llm.train import checkpoint as ckpt
   from llm.train import loop, safety
   import numpy as np
@@ -63,7 +64,9 @@ def main(argv):
     state, loss = step(state, seed)
     losses.append(loss)
   mgr = ckpt.manager(workdir, keep=1, async_save=False)
-  ckpt.save(mgr, 2, state.checkpoint_items(), {"position": 2})
+  # Every process's own data position, gathered as a streaming run saves it.
+  positions = streaming.all_gather_json({"process": jax.process_index()})
+  ckpt.save(mgr, 2, state.checkpoint_items(), {"position": 2, "per_process": positions})
   ckpt.wait(mgr)
   abstract = ckpt.abstract_with_shardings(state.checkpoint_items(),
                                           shardings.checkpoint_items())
@@ -74,15 +77,19 @@ def main(argv):
     losses.append(loss)
   preempted_at = None
   if jax.process_count() > 1:  # a preemption notice reaches process 1 only
-    if jax.process_index() == 1:
-      os.kill(os.getpid(), signal.SIGTERM)
     with safety.Preemption() as preemption:
-      for s in range(5, 400):  # the notice reaches the other process in a few RPCs
+      preemption.requested(4, mgr)  # every process's last step is 4
+      if jax.process_index() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      # JAX's sync protocol picks (the processes' last step) + 1, so a step that finishes
+      # before the protocol does would pass it by: pause, as a real (slow) step would.
+      time.sleep(5)
+      for s in range(5, 100):
         state, _ = step(state, s)
-        time.sleep(0.02)
         if preemption.requested(s, mgr):
           preempted_at = s
           break
+        time.sleep(0.1)
   mgr.close()
   print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                     "devices": jax.device_count(), "losses": losses, "data": data_state,

@@ -62,7 +62,8 @@ def test_two_processes_train_as_one_and_a_dead_peer_ends_the_job(tmp_path):
   assert (expected["processes"], expected["devices"]) == (1, 8)
   got = [_result(out) for out in (out0, out1)]
   for result in got:
-    assert (result["processes"], result["devices"], result["data"]) == (2, 8, {"position": 2})
+    assert (result["processes"], result["devices"], result["data"]) == (2, 8, {
+        "position": 2, "per_process": [{"process": 0}, {"process": 1}]})
     np.testing.assert_allclose(result["losses"], expected["losses"], rtol=1e-5)
   # SIGTERM reached process 1 only; through JAX's preemption sync point both processes
   # stop at the same step (the step the loop would save).

@@ -189,7 +189,7 @@ def test_a_changed_run_field_on_resume_is_refused(reference):
   workdir = str(reference[0])
   for field, value in (("data.batch_size", 16), ("train.steps", 20), ("data.seq_len", 8),
                        ("data.shuffle_seed", 1), ("data.source", "text:/x.txt"),
-                       ("data.encoding", "latin-1")):
+                       ("data.encoding", "latin-1"), ("data.streaming", True)):
     with pytest.raises(ConfigError, match=rf"changed {field}: .*allow_config_change=True"):
       ckpt.check_config(workdir, make_config(**{field: value}), resuming=True)
   ckpt.check_config(workdir, make_config(**{"train.steps": 20,

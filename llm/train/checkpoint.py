@@ -120,7 +120,8 @@ def check_writable(workdir: str) -> None:
 RUN_FIELDS = ("train.steps", "train.warmup_steps", "data.batch_size", "data.seq_len",
               "data.source", "data.sources", "data.data_dir", "data.text_key", "data.encoding",
               "data.train_split",
-              "data.tasks", "data.max_documents", "data.shuffle_seed", "data.objective")
+              "data.tasks", "data.max_documents", "data.shuffle_seed", "data.objective",
+              "data.streaming")
 
 
 def check_config(workdir: str, cfg: config_lib.Config, resuming: bool) -> None:
