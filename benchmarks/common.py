@@ -78,6 +78,30 @@ def best_and_median(times: list[float]) -> dict:
   return {"best_s": min(times), "median_s": statistics.median(times), "runs": len(times)}
 
 
+def median_iqr(times: list[float]) -> dict:
+  """Median and interquartile range of per-call seconds (the spread a busy machine adds)."""
+  q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+  return {"median_s": median, "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1, "calls": len(times)}
+
+
+def load_average() -> list[float]:
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def theoretical_f32_peak(cpus: int) -> dict:
+  """cpus x f32 FLOP/cycle x clock, from /proc/cpuinfo: two FMA units of 16 (AVX-512) or
+  8 (AVX2) lanes, 2 FLOP each; the clock is the reported (base) MHz, so turbo may beat it."""
+  text = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+  flags = set(next((l.split(":")[1].split() for l in text.splitlines()
+                    if l.startswith("flags")), []))
+  lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+  mhz = next((float(l.split(":")[1]) for l in text.splitlines() if l.startswith("cpu MHz")), 0.0)
+  per_cycle = 2 * lanes * 2
+  return {"flops_per_s": cpus * per_cycle * mhz * 1e6, "cpus": cpus,
+          "f32_flop_per_cycle_per_core": per_cycle, "mhz": mhz,
+          "isa": "avx512f" if lanes == 16 else "avx2" if lanes == 8 else "sse"}
+
+
 def setup_logging():
   # Our own handler: jax/orbax may already have configured the root logger.
   handler = logging.StreamHandler(sys.stderr)

@@ -57,6 +57,9 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None, scal
   """
   b, t, n, h = q_BTNH.shape
   k = k_BSKH.shape[kv_layout.index("k")]
+  if k == n:  # one query head per kv head: no group axis (it costs a T x S transpose)
+    return _attention_1h(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale,
+                         kv_layout.replace("k", "n"))
   q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
   logits_BKGTS = jnp.einsum(f"btkgh,{kv_layout}->bkgts", q_BTKGH, k_BSKH,
                             preferred_element_type=jnp.float32)
@@ -69,6 +72,19 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None, scal
   probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
   out_BTKGH = jnp.einsum(f"bkgts,{kv_layout}->btkgh", probs_BKGTS, v_BSKH)
   return out_BTKGH.reshape(b, t, n, h)
+
+
+def _attention_1h(q_BTNH, k_BSNH, v_BSNH, mask_BTS, bias_BNTS, scale, kv_layout):
+  """`dot_product_attention` when every query head has its own kv head (N = K)."""
+  logits_BNTS = jnp.einsum(f"btnh,{kv_layout}->bnts", q_BTNH, k_BSNH,
+                           preferred_element_type=jnp.float32)
+  if scale:
+    logits_BNTS = logits_BNTS * (q_BTNH.shape[-1] ** -0.5)
+  if bias_BNTS is not None:
+    logits_BNTS = logits_BNTS + bias_BNTS
+  logits_BNTS = jnp.where(mask_BTS[:, None], logits_BNTS, _NEG_INF)
+  probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BSNH.dtype)
+  return jnp.einsum(f"bnts,{kv_layout}->btnh", probs_BNTS, v_BSNH)
 
 
 def _projection(cfg: ModelConfig, features, axes, name, in_dims=1) -> Linear:

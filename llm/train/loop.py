@@ -14,6 +14,7 @@ import os
 import time
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 from llm import data as data_lib
 from llm import models, objectives, parallel, peft, scaling
@@ -105,6 +106,7 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
   `safety.Preempted`; a non-finite step raises `safety.NonFiniteError` before any save.
   """
   ckpt.check_writable(workdir)
+  use_compilation_cache(cfg.train.compilation_cache_dir)
   lock = safety.WorkdirLock(workdir)
   if os.path.isdir(workdir):
     lock.acquire()  # before any work: a second run on a live workdir fails at once
@@ -118,6 +120,16 @@ def run(cfg: Config, workdir: str, progress: bool = True) -> dict:
       return _run(cfg, workdir, base_params, lock, preemption, progress)
   finally:
     lock.release()
+
+
+def use_compilation_cache(path: str) -> None:
+  """Saves compiled executables under `path` and loads them instead of compiling when
+  the same computation comes again (a resumed run); "" leaves JAX's setting alone."""
+  if not path:
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+  # JAX decides once per process whether the cache is on, at the first compile.
+  compilation_cache.reset_cache()
 
 
 def _run(cfg, workdir, base_params, lock, preemption, progress):
