@@ -35,10 +35,11 @@ def main(argv):
   import optuna
   from absl import logging
 
+  from llm import config_cli
   from llm.sweep import report, runner, spec
   logging.set_verbosity(logging.WARNING)
   optuna.logging.set_verbosity(optuna.logging.WARNING)
-  _, config_spec, overrides, _ = cli.split_args(sys.argv, takes_config=True)
+  _, config_spec, overrides, _ = config_cli.split_args(sys.argv, takes_config=True)
   if config_spec is None:
     raise ValueError("--config is required: --config FILE.py[:ARG], a sweep file such as "
                      "configs/sweeps/isoflop.py")

@@ -113,6 +113,9 @@ class DataConfig:
   tokenizer_path: Optional[str] = None  # an existing sentencepiece .model; else trained
   num_sentinels: int = 100  # ids reserved for span-corruption sentinels
   max_documents: int = 0  # read at most this many documents per split; 0 = all
+  # Read text:/jsonl: files (or an array_record tfds: split) lazily, tokenized and packed on
+  # the fly, each process its own shard (llm.data.streaming): data larger than memory.
+  streaming: bool = False
   shuffle_seed: int = 0  # seed of the batch order, in [0, 2**32)
   objective: str = "clm"  # clm | mlm | prefix_lm | span (T5 span corruption) | sft
   # sft: comma-separated tasks, each `name[:rate]`: a generated task (llm.data.tasks),
@@ -198,10 +201,10 @@ class AlignConfig:
   ppo_minibatches: int = 4  # optimizer updates per pass
   clip_eps: float = 0.2  # PPO ratio clip
   value_clip: float = 0.2  # value-prediction clip around the rollout's values
-  value_coef: float = 0.5
-  entropy_coef: float = 0.0
-  gamma: float = 1.0
-  gae_lambda: float = 0.95
+  value_coef: float = 0.5  # weight of the value-head loss in the PPO objective
+  entropy_coef: float = 0.0  # weight of the policy-entropy bonus (0 = none)
+  gamma: float = 1.0  # GAE discount per token
+  gae_lambda: float = 0.95  # GAE bias-variance trade-off (1 = Monte Carlo returns)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +213,7 @@ class CompressConfig:
 
   teacher: str = ""  # distillation: the teacher's workdir (same tokenizer as the student)
   distill_alpha: float = 0.5  # weight of the soft-label KL; 1 - alpha on the hard labels
-  distill_temperature: float = 2.0
+  distill_temperature: float = 2.0  # softens teacher and student logits; the KL is scaled by T^2
   sparsities: str = "0,0.25,0.5,0.75,0.9"  # pruning: target shares of zero weights
   prune_scopes: str = "global,layer"  # global and/or layer (each matrix to the sparsity)
   nm: str = "2:4"  # N:M structured sparsity (N non-zeros in every M); "" to skip
@@ -409,7 +412,7 @@ def validate(cfg: Config) -> Config:
            f"{d.mlm_random_ratio}: must be <= 1 (the rest keep their token)")
   from llm.objectives import OBJECTIVES  # the registry imports this module
   _require(d.objective in OBJECTIVES,
-           f"config.data.objective={d.objective!r}: must be one of {', '.join(OBJECTIVES)}")
+           f"config.data.objective={d.objective!r}: must be one of {', '.join(sorted(OBJECTIVES))}")
   families = OBJECTIVES[d.objective].families
   _require(cfg.model.family in families,
            f"config.data.objective={d.objective!r} trains a {' or '.join(families)} model, "

@@ -5,8 +5,9 @@
 Joins the job the JAX_* environment variables describe (none: a single process), trains
 the tiny GPT on a (2, 2, 2, 1) mesh spanning every process's devices, each process
 feeding only its own rows of the global batch; checkpoints after 2 steps through orbax
-from every process, restores that checkpoint and trains 2 more steps; prints the losses
-as JSON. With --then_die process 1 then kills itself and process 0 tries one more step,
+from every process, restores that checkpoint and trains 2 more steps; then (two processes)
+process 1 sends itself SIGTERM and both train until the preemption sync point says stop;
+prints the losses and that step as JSON. With --then_die process 1 then kills itself and process 0 tries one more step,
 which must end the process with a one-line error instead of waiting for the dead peer.
 """
 
@@ -14,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 from experiments.cli import one_line_errors
 from llm import parallel
@@ -26,8 +28,9 @@ def main(argv):
   import jax
 
   from llm import config as config_lib
+  from llm.data import streaming
   from llm.train import checkpoint as ckpt
-  from llm.train import loop
+  from llm.train import loop, safety
   import numpy as np
 
   from tests.helpers import GPT_TINY, random_batch, random_params
@@ -61,7 +64,9 @@ def main(argv):
     state, loss = step(state, seed)
     losses.append(loss)
   mgr = ckpt.manager(workdir, keep=1, async_save=False)
-  ckpt.save(mgr, 2, state.checkpoint_items(), {"position": 2})
+  # Every process's own data position, gathered as a streaming run saves it.
+  positions = streaming.all_gather_json({"process": jax.process_index()})
+  ckpt.save(mgr, 2, state.checkpoint_items(), {"position": 2, "per_process": positions})
   ckpt.wait(mgr)
   abstract = ckpt.abstract_with_shardings(state.checkpoint_items(),
                                           shardings.checkpoint_items())
@@ -70,10 +75,25 @@ def main(argv):
   for seed in (3, 4):
     state, loss = step(state, seed)
     losses.append(loss)
+  preempted_at = None
+  if jax.process_count() > 1:  # a preemption notice reaches process 1 only
+    with safety.Preemption() as preemption:
+      preemption.requested(4, mgr)  # every process's last step is 4
+      if jax.process_index() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      # JAX's sync protocol picks (the processes' last step) + 1, so a step that finishes
+      # before the protocol does would pass it by: pause, as a real (slow) step would.
+      time.sleep(5)
+      for s in range(5, 100):
+        state, _ = step(state, s)
+        if preemption.requested(s, mgr):
+          preempted_at = s
+          break
+        time.sleep(0.1)
   mgr.close()
   print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
-                    "devices": jax.device_count(), "losses": losses, "data": data_state}),
-        flush=True)
+                    "devices": jax.device_count(), "losses": losses, "data": data_state,
+                    "preempted_at": preempted_at}), flush=True)
   if then_die:
     if jax.process_index() == 1:
       os.kill(os.getpid(), signal.SIGKILL)

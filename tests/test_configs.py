@@ -7,8 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import cli
-from llm import config as config_lib, models, objectives, scaling
+from llm import config as config_lib, config_cli, models, objectives, scaling
 
 # Sizes not built by any other test, and the trait each is there for.
 SIZES = ["configs/gpt.py:small", "configs/gpt.py:llama", "configs/bert.py:roberta",
@@ -17,7 +16,7 @@ SIZES = ["configs/gpt.py:small", "configs/gpt.py:llama", "configs/bert.py:robert
 
 def _abstract(spec):
   """(config, param shapes, shapes of the loss's sums and aux) without compiling."""
-  cfg = config_lib.from_configdict(cli.load_config(spec))
+  cfg = config_lib.from_configdict(config_cli.load_config(spec))
   module = models.build(cfg.model)
   objective = objectives.get(cfg.data.objective)
   batch = objective.example_batch(cfg, 2)

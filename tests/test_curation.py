@@ -226,6 +226,13 @@ def test_run_is_deterministic_parallel_and_resumes(raw_file, tmp_path):
     curate(serial, f"jsonl:{raw_file}", tmp_path / "c")
   with pytest.raises(ConfigError, match="--input jsonl:/nonexistent.jsonl: no such file"):
     curate(serial, "jsonl:/nonexistent.jsonl", tmp_path / "d")
+  # Input in another encoding is read with config.encoding, and refused without it.
+  latin = tmp_path / "latin.txt"
+  latin.write_bytes("Caf\u00e9 au lait, na\u00efve r\u00e9sum\u00e9 of a long day.".encode("latin-1"))
+  with pytest.raises(ConfigError, match=r"not valid utf-8 .*set config.encoding to its"):
+    curate(serial, f"text:{latin}", tmp_path / "e")
+  cd.processes, cd.encoding = 1, "latin-1"
+  assert curate(from_configdict(cd), f"text:{latin}", tmp_path / "f")["docs_in"] == 1
 
 
 def test_curate_entry_point_prints_its_report(raw_file, tmp_path):

@@ -1,6 +1,7 @@
 """Two processes x 4 CPU devices on localhost (jax.distributed, gloo collectives) train
-exactly as one process with 8 devices, checkpoint and restore from every process, and a
-surviving process exits with a one-line error when its peer dies.
+exactly as one process with 8 devices, checkpoint and restore from every process, agree on
+the step to stop at when one of them gets a preemption notice (SIGTERM), and a surviving
+process exits with a one-line error when its peer dies.
 
 The processes (`tests/multihost_worker.py`) and the single-process reference run side by
 side, so the test takes about one compile and four steps of wall time.
@@ -59,10 +60,14 @@ def test_two_processes_train_as_one_and_a_dead_peer_ends_the_job(tmp_path):
 
   expected = _result(ref_out)
   assert (expected["processes"], expected["devices"]) == (1, 8)
-  for out in (out0, out1):
-    got = _result(out)
-    assert (got["processes"], got["devices"], got["data"]) == (2, 8, {"position": 2})
-    np.testing.assert_allclose(got["losses"], expected["losses"], rtol=1e-5)
+  got = [_result(out) for out in (out0, out1)]
+  for result in got:
+    assert (result["processes"], result["devices"], result["data"]) == (2, 8, {
+        "position": 2, "per_process": [{"process": 0}, {"process": 1}]})
+    np.testing.assert_allclose(result["losses"], expected["losses"], rtol=1e-5)
+  # SIGTERM reached process 1 only; through JAX's preemption sync point both processes
+  # stop at the same step (the step the loop would save).
+  assert got[0]["preempted_at"] == got[1]["preempted_at"] is not None, got
   # Either the collective fails (our one line) or, while it waits, the coordination
   # service misses the peer's heartbeats and terminates the process with its own message.
   assert workers[0].returncode != 0 and waited < 60, (workers[0].returncode, waited)

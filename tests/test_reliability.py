@@ -188,7 +188,8 @@ def test_a_failed_start_leaves_the_workdir_as_it_found_it(tmp_path):
 def test_a_changed_run_field_on_resume_is_refused(reference):
   workdir = str(reference[0])
   for field, value in (("data.batch_size", 16), ("train.steps", 20), ("data.seq_len", 8),
-                       ("data.shuffle_seed", 1), ("data.source", "text:/x.txt")):
+                       ("data.shuffle_seed", 1), ("data.source", "text:/x.txt"),
+                       ("data.encoding", "latin-1"), ("data.streaming", True)):
     with pytest.raises(ConfigError, match=rf"changed {field}: .*allow_config_change=True"):
       ckpt.check_config(workdir, make_config(**{field: value}), resuming=True)
   ckpt.check_config(workdir, make_config(**{"train.steps": 20,

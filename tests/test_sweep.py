@@ -106,7 +106,7 @@ def test_bad_sweeps_fail_before_any_trial_runs(tmp_path):
     start = time.perf_counter()
     with pytest.raises(ValueError, match=f"--storage {url}: cannot be reached"):
       runner.launch(fresh, definition, url)
-    assert time.perf_counter() - start < 10
+    assert time.perf_counter() - start < 30  # no retrying for minutes; loose for busy machines
   assert not os.path.exists(fresh)
 
 

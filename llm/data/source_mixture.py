@@ -14,6 +14,7 @@ very rows it would have drawn. Evaluation interleaves the sources' validation ro
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -61,6 +62,9 @@ class MixedRows:
 def rows(rows_fn: Callable, data_cfg, tokenizer, split: str):
   """`rows_fn(data_cfg, tokenizer, split)`, per source when `data_cfg.sources` is set:
   a MixedRows for training, the sources' rows interleaved for evaluation."""
+  if data_cfg.streaming:
+    from llm.data import streaming  # grain (about 1 s to import) only when streaming
+    return streaming.rows(rows_fn, data_cfg, tokenizer, split)
   if not data_cfg.sources:
     return rows_fn(data_cfg, tokenizer, split)
   names = tuple(source for source, _ in data_cfg.sources)
@@ -134,8 +138,14 @@ class MixtureIterator:
 
 def train_batches(train_rows, batch_size: int, seed: int, state=None, process_index: int = 0,
                   process_count: int = 1):
-  """The training batch iterator for `train_rows`: by weight for a MixedRows, else the
-  shuffled epochs of `BatchIterator`."""
+  """The training batch iterator for `train_rows`: by weight for a MixedRows, streamed for
+  StreamRows (`config.data.streaming`), else the shuffled epochs of `BatchIterator`."""
   kind = MixtureIterator if isinstance(train_rows, MixedRows) else BatchIterator
+  streaming = sys.modules.get("llm.data.streaming")  # imported by whoever streamed the rows
+  if streaming is not None and isinstance(train_rows, streaming.StreamRows):
+    kind = streaming.StreamIterator
+  elif state is not None and "streaming" in state:
+    raise ConfigError("the checkpoint's data state is of a streaming run; resume with "
+                      "config.data.streaming=True")
   return kind(train_rows, batch_size, seed, state=state, process_index=process_index,
               process_count=process_count)

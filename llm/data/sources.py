@@ -28,7 +28,7 @@ from llm.data import corpus
 
 VALID_FORMS = ("embedded | text:PATH[,PATH...] | jsonl:PATH[,PATH...] | tfds:NAME[/CONFIG][:VERSION]"
                " | embedded:topics | embedded:docstrings")
-_LOCAL_VALIDATION_PERCENT = 2
+LOCAL_VALIDATION_PERCENT = 2
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -159,7 +159,7 @@ def _local_documents(data_cfg, kind: str, arg: str, split: str) -> list[str]:
       documents.extend(text_file_documents(path, data_cfg.encoding))
     else:
       documents.extend(jsonl_file_documents(path, data_cfg.text_key, data_cfg.encoding))
-  return hash_split(documents, _LOCAL_VALIDATION_PERCENT)[local_split(data_cfg, split)]
+  return hash_split(documents, LOCAL_VALIDATION_PERCENT)[local_split(data_cfg, split)]
 
 
 def _first_chars(documents: list[str], max_chars: Optional[int]) -> list[str]:
@@ -183,6 +183,9 @@ def load_documents(data_cfg, split: str, max_chars: Optional[int] = None) -> lis
     return _mixture_documents(data_cfg, split, max_chars)
   if kind == "embedded":
     documents = corpus.embedded_documents(local_split(data_cfg, split), arg)
+  elif kind in ("text", "jsonl") and data_cfg.streaming:
+    from llm.data import streaming  # pylint: disable=import-outside-toplevel
+    return streaming.documents(data_cfg, split, max_chars)  # read lazily, up to max_chars
   elif kind in ("text", "jsonl"):
     documents = _local_documents(data_cfg, kind, arg, split)
   else:
@@ -225,7 +228,9 @@ def source_fingerprint(data_cfg, split: str) -> Any:
     stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns)
              for p in resolve_paths(data_cfg, arg)]
     parts.update(files=stats, text_key=data_cfg.text_key,
-                 split_percent=_LOCAL_VALIDATION_PERCENT, encoding=data_cfg.encoding)
+                 split_percent=LOCAL_VALIDATION_PERCENT, encoding=data_cfg.encoding)
+    if data_cfg.streaming:  # its documents are read in file order, without the fallback
+      parts.update(streaming=True)
   else:
     parts.update(data_dir=data_cfg.data_dir, text_key=data_cfg.text_key)
   return parts

@@ -138,7 +138,8 @@ def _read_examples(source, limit: Optional[int]):
     yield from chunk
 
 
-def _text(example: Any, text_key: str, name: str) -> str:
+def example_text(example: Any, text_key: str, name: str) -> str:
+  """The text of one example under `text_key`, decoded; a DataError if it has none."""
   if not isinstance(example, dict) or text_key not in example:
     keys = ", ".join(sorted(example)) if isinstance(example, dict) else type(example).__name__
     raise DataError(f"TFDS dataset {name!r} has no feature config.data.text_key={text_key!r} "
@@ -163,6 +164,21 @@ def load_examples(name: str, split: str, *, data_dir: Optional[str], download: b
   return _read_examples(_source(tfds, name, split, builder, data_dir, download), limit)
 
 
+def random_access_source(name: str, split: str, *, data_dir: Optional[str],
+                         download: bool):
+  """`split` as a random-access source (array_record, parquet), for streaming
+  (`llm.data.streaming`); a tfrecord-prepared dataset is a DataError saying what to do."""
+  tfds = _import_tfds()
+  builder = _builder(tfds, name, data_dir, download)
+  source = _source(tfds, name, split, builder, data_dir, download)
+  if not hasattr(source, "__len__"):
+    raise DataError(f"TFDS dataset {name!r} is prepared as {builder.info.file_format.value}; "
+                    "config.data.streaming=True reads array_record: re-prepare it "
+                    "(config.data.tfds_download=True with a new config.data.data_dir) or set "
+                    "config.data.streaming=False")
+  return source
+
+
 def load(name: str, split: str, *, data_dir: Optional[str], download: bool,
          text_key: str, limit: Optional[int], max_chars: Optional[int] = None) -> list[str]:
   """The texts of `split` of TFDS dataset `name`: at most `limit` of them, and
@@ -170,7 +186,7 @@ def load(name: str, split: str, *, data_dir: Optional[str], download: bool,
   texts, total = [], 0
   for example in load_examples(name, split, data_dir=data_dir, download=download,
                                limit=limit):
-    texts.append(_text(example, text_key, name))
+    texts.append(example_text(example, text_key, name))
     total += len(texts[-1])
     if max_chars is not None and total >= max_chars:
       break

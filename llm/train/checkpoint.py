@@ -118,8 +118,10 @@ def check_writable(workdir: str) -> None:
 # What a resumed run's data position and learning-rate schedule mean: changing one of
 # these on resume silently trains on other data or another schedule.
 RUN_FIELDS = ("train.steps", "train.warmup_steps", "data.batch_size", "data.seq_len",
-              "data.source", "data.sources", "data.data_dir", "data.text_key", "data.train_split",
-              "data.tasks", "data.max_documents", "data.shuffle_seed", "data.objective")
+              "data.source", "data.sources", "data.data_dir", "data.text_key", "data.encoding",
+              "data.train_split",
+              "data.tasks", "data.max_documents", "data.shuffle_seed", "data.objective",
+              "data.streaming")
 
 
 def check_config(workdir: str, cfg: config_lib.Config, resuming: bool) -> None:

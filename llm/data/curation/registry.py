@@ -78,7 +78,8 @@ FILTERS: dict[str, Filter] = {f.name: f for f in (
 DEFAULT_CHAIN = ("boilerplate", "word_count", "mean_word_length", "symbol_ratio", "alpha_ratio",
                  "line_punctuation", "duplicate_lines", "duplicate_ngrams", "language",
                  "exact_dedup", "near_dedup", "pii")
-SETTINGS = ("filters", "shard_docs", "processes", "text_key", "label_key", "examples")
+SETTINGS = ("filters", "shard_docs", "processes", "text_key", "label_key", "encoding",
+            "examples")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,7 @@ class CurationConfig:
   processes: int = 0  # local worker processes; 0 = one per core (at most one per shard)
   text_key: str = "text"  # jsonl input: the field holding the text
   label_key: str = "labels"  # jsonl input: true defect labels, if any (for precision / recall)
+  encoding: str = "utf-8"  # text and jsonl input files' encoding (as config.data.encoding)
   examples: int = 3  # removed / changed documents quoted per filter in the report
 
   def params_of(self, name: str) -> dict:

@@ -50,11 +50,15 @@ def _records(spec: str, cfg: CurationConfig) -> Iterator[dict]:
   if kind == "embedded":
     texts = ((t, None) for t in corpus.embedded_documents("train"))
   elif kind == "text":
-    texts = ((t, None) for p in paths for t in sources.text_file_documents(p))
+    texts = ((t, None) for p in paths for t in sources.text_file_documents(p, cfg.encoding))
   else:
-    texts = (_jsonl_text(p, n, r, cfg) for p in paths for n, r in sources.jsonl_values(p))
-  for i, (text, labels) in enumerate(texts):
-    yield {"id": i, "text": text, "labels": labels}
+    texts = (_jsonl_text(p, n, r, cfg) for p in paths
+             for n, r in sources.jsonl_values(p, cfg.encoding))
+  try:
+    for i, (text, labels) in enumerate(texts):
+      yield {"id": i, "text": text, "labels": labels}
+  except sources.DataError as e:  # the reader names the training config's field
+    raise ConfigError(str(e).replace("config.data.encoding", "config.encoding")) from None
 
 
 def _jsonl_text(path: str, number: int, record, cfg: CurationConfig):
