@@ -73,7 +73,7 @@ def _draft(draft, draft_params, state, first_BK, first_len_B, rng, sampling, gam
   rngs = jax.random.split(rng, gamma) if rng is not None else [None] * gamma
   x_B, q_BV = propose(state, rngs[0])
   xs, qs = [x_B], [q_BV]
-  for i in range(1, gamma):  # unrolled: gamma is small, and a scan's carry costs copies
+  for i in range(1, gamma):  # unrolled: gamma is a small static int; one straight-line round
     (state, x_B), (x_B, q_BV) = step((state, x_B), rngs[i])
     xs.append(x_B)
     qs.append(q_BV)
