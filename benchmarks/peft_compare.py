@@ -23,7 +23,7 @@ from llm import config as config_lib, parallel, peft, train
 from llm.eval.report import evaluate_model
 from llm.train import loop
 
-METHODS = ("full", "lora", "prompt", "adapter", "bitfit")
+METHODS = ("full", "lora", "prompt", "prefix", "adapter", "bitfit")
 
 
 def parse_args():

@@ -8,7 +8,7 @@
       --config.train.init_from=runs/gpt_tiny --workdir runs/gpt_tiny_full \
       --config.data.tasks=facts:1,translate:1,topic:1
 
-Methods: full, lora, prompt, adapter, bitfit (`model.peft.method`). The model comes
+Methods: full, lora, prompt, prefix, adapter, bitfit (`model.peft.method`). The model comes
 from `train.init_from` (a training workdir, or a Hugging Face checkpoint directory);
 the model fields below only matter without it (random init). Tasks: the generated
 suite (facts, translate, summary, topic), `tfds:NAME` or `jsonl:PATH`, comma-separated
@@ -24,6 +24,7 @@ METHODS = {
     "full": (5e-4, 0.1),
     "lora": (3e-3, 0.0),
     "prompt": (3e-2, 0.0),
+    "prefix": (1e-2, 0.0),
     "adapter": (3e-3, 0.0),
     "bitfit": (5e-3, 0.0),
 }

@@ -38,14 +38,16 @@ class MoEConfig:
 class PeftConfig:
   """Parameter-efficient adaptation (`llm.peft`); `method` picks what is trainable."""
 
-  method: str = "full"  # what is trained: full | lora | prompt | adapter | bitfit
+  method: str = "full"  # what is trained: full | lora | prompt | prefix | adapter | bitfit
   lora_rank: int = 8  # rank r of the LoRA update x A B (A: d x r, B: r x d)
   lora_alpha: float = 16.0  # the update is (alpha / rank) * x A B
   lora_dropout: float = 0.0  # dropout on the LoRA branch's input, in [0, 1)
   # Regex over module paths of the layers LoRA adapts (every Linear, experts, tied embedding).
   lora_targets: str = r"/(query|key|value|out|wi|wi_gate|wi_up|wo)$"
-  prompt_length: int = 16  # soft-prompt (virtual) tokens prepended to the input
-  prompt_init: str = "vocab"  # vocab (copies of random vocabulary embeddings) | random
+  # Virtual tokens prepended to the input (prompt: soft embeddings; prefix: per-layer K/V).
+  prompt_length: int = 16
+  # vocab: start as random real tokens (their embeddings; prefix: their keys/values) | random
+  prompt_init: str = "vocab"
   adapter_dim: int = 16  # bottleneck width of the adapters after attention and MLP
 
 
@@ -240,7 +242,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots"),
-    "model.peft.method": ("full", "lora", "prompt", "adapter", "bitfit"),
+    "model.peft.method": ("full", "lora", "prompt", "prefix", "adapter", "bitfit"),
     "model.peft.prompt_init": ("vocab", "random"),
 }
 # Fields with a range: "> 0", ">= 1" or an interval such as "[0, 1)". A new field with
@@ -391,6 +393,9 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     re.compile(p.lora_targets)
   except re.error as e:
     raise ConfigError(f"config.model.peft.lora_targets={p.lora_targets!r}: not a regex ({e})")
+  _require(p.method != "prefix" or m.family == "decoder",
+           f"config.model.peft.method='prefix' needs model.family='decoder' (got {m.family!r}); "
+           "use method=prompt, lora or adapter for encoders and encoder-decoders")
   return m
 
 

@@ -61,10 +61,10 @@ class Objective:
   def batches(self, cfg, tokenizer) -> Callable[[Batch, int], Batch]:
     """(rows of one batch, step) -> the model's batch; prompt tuning's virtual tokens are
     put in front here, whatever the objective."""
+    from llm.peft.prompt import num_virtual_tokens, with_virtual_tokens
     make = self.batch_fn(data_config(cfg), tokenizer)
-    if cfg.model.peft.method != "prompt":
+    if not num_virtual_tokens(cfg.model.peft):
       return make
-    from llm.peft.prompt import with_virtual_tokens
     return lambda rows, step: with_virtual_tokens(make(rows, step), cfg.model)
 
   def eval_set(self, cfg, tokenizer, rows) -> list[Batch]:
@@ -123,8 +123,10 @@ def check_rows(rows: Batch, cfg, split: str) -> Batch:
 
 
 def data_config(cfg):
-  """The data config rows are built with: prompt tuning's virtual tokens take seq_len room."""
-  if cfg.model.peft.method != "prompt":
+  """The data config rows are built with: prompt / prefix tuning's virtual tokens take
+  seq_len room."""
+  from llm.peft.prompt import num_virtual_tokens
+  if not num_virtual_tokens(cfg.model.peft):
     return cfg.data
   return dataclasses.replace(cfg.data, seq_len=cfg.data.seq_len - cfg.model.peft.prompt_length)
 
@@ -151,15 +153,48 @@ def register(objective: Objective) -> Objective:
 
 @dataclasses.dataclass(frozen=True)
 class SupervisedFineTuning(Objective):
-  """Instruction / task fine-tuning: the loss on completion tokens (and EOS) only."""
+  """Instruction / task fine-tuning: the loss on completion tokens (and EOS) only; for an
+  encoder, label classification by a head (`Classification`)."""
 
   def rows(self, cfg, tokenizer, split: str) -> Batch:
     from llm.data.sft_data import sft_split_rows
     return check_rows(sft_split_rows(cfg, data_config(cfg), tokenizer, split), cfg, split)
 
+  def configured(self, cfg) -> Objective:
+    if cfg.model.family == "encoder":
+      return Classification(self.name, self.families)
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification(SupervisedFineTuning):
+  """An encoder's sft: cross-entropy of the classifier head on the [CLS] (first) token
+  against the row's label (the tasks' shared label set); the new head always trains."""
+
+  def example_batch(self, cfg, batch_size: int = 1) -> Batch:
+    return {**super().example_batch(cfg, batch_size),
+            "labels": np.zeros((batch_size,), np.int32)}
+
+  def build(self, cfg):
+    from llm.data.sft_data import classification_labels, load_tasks
+    labels = classification_labels(load_tasks(cfg.data, cfg.data.shuffle_seed)[0])
+    return build(cfg.model, num_labels=len(labels))
+
+  def trainable(self, cfg) -> str:
+    return f"{super().trainable(cfg)}|^classifier/"
+
+  def model_kwargs(self, batch):
+    return {"output": "classify"}
+
+  def loss(self, module, trainable, frozen, batch, rng):
+    logits_BL, aux = apply_batch(module, merge_params(trainable, frozen), batch, rng,
+                                 **self.model_kwargs(batch))
+    real_B = batch["segment_ids"][:, 0] > 0  # eval padding rows carry no label
+    return token_losses(logits_BL, batch["labels"], real_B), aux
+
 
 register(Objective("clm", ("decoder",)))
-register(SupervisedFineTuning("sft", ("decoder", "encoder_decoder")))
+register(SupervisedFineTuning("sft", ("decoder", "encoder_decoder", "encoder")))
 register(PrefixLM("prefix_lm", ("decoder",), batch_fn=pipeline.prefix_lm_batch_fn))
 register(MaskedLM("mlm", ("encoder",), rows_fn=pipeline.mlm_rows,
                   batch_fn=pipeline.mlm_batch_fn))

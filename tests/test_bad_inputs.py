@@ -62,6 +62,8 @@ OVERRIDES = [
     ("--config.model.peft.lora_dropout=1.5",
      "config.model.peft.lora_dropout=1.5: must be in [0, 1)"),
     ("--config.model.peft.lora_targets=(", "config.model.peft.lora_targets='(': not a regex"),
+    ("--config.model.family=encoder --config.model.peft.method=prefix",
+     "config.model.peft.method='prefix' needs model.family='decoder'"),
     ("--config.data.seq_len=1", "config.data.seq_len=1: must be >= 2"),
     ("--config.data.seq_len=4096", "config.data.seq_len=4096 exceeds config.model.max_len=256"),
     ("--config.data.batch_size=0", "config.data.batch_size=0: must be >= 1"),

@@ -40,7 +40,10 @@ def _every_output(params, tokens, valid):
   module = bert()[0].module
   apply = lambda toks, output, *args: module.apply({"params": params}, toks, *args,
                                                    output=output)
+  embeds = jnp.take(params["embed"]["embedding"], tokens, axis=0)
   return {"hidden": apply(tokens, "hidden", None, valid),
+          "from_embeds": module.apply({"params": params}, None, None, valid, output="hidden",
+                                      inputs_embeds_BTD=embeds),
           "alone": apply(tokens[:1, :5], "hidden"),
           **{output: apply(tokens, output) for output in ("mlm", "pooled", "classify")}}
 
@@ -52,6 +55,7 @@ def test_encoder_heads_and_padding():
   out = _every_output(params, tokens, valid)
   hidden, alone = out["hidden"], out["alone"]
   np.testing.assert_allclose(hidden[0, :5], alone[0], atol=1e-5)  # padding is invisible
+  np.testing.assert_array_equal(out["from_embeds"], hidden)  # embeddings in, same function
   pooled = mean_pool(hidden, valid)
   np.testing.assert_allclose(pooled[0], alone[0].mean(0), atol=1e-5)
   assert out["mlm"].shape == (2, 7, 64)

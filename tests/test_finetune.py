@@ -3,6 +3,8 @@ its workdir on a generated task, and score it better than the base; a Hugging Fa
 checkpoint fine-tunes too; init_from refuses what it cannot use."""
 
 import dataclasses
+import functools
+import json
 
 import jax
 import numpy as np
@@ -10,8 +12,9 @@ import pytest
 
 from llm import config as config_lib, peft
 from llm.config import ConfigError
+from llm.data.sft import sft_rows
 from llm.data.tasks import get_task
-from llm.eval.tasks import completion_log_likelihoods
+from llm.eval.tasks import completion_log_likelihoods, evaluate_task
 from llm.models import build
 from llm.train import init_from, loop
 
@@ -107,3 +110,33 @@ def test_init_from_refuses_what_it_cannot_use(pretrained, tmp_path):
     loop.run(_config(model=t5, data={"objective": "span"}, train={"init_from": pretrained}),
              str(tmp_path / "b"), progress=False)
   assert not (tmp_path / "b").exists()  # nothing written for a run that could not start
+
+
+def test_an_encoder_learns_label_classification_with_its_head(tmp_path):
+  bert = dict(vocab_size=512, d_model=32, num_layers=2, num_heads=4, d_ff=64, max_len=64,
+              family="encoder", post_norm=True, embed_norm=True)
+  cfg = _config(model=bert, data={"objective": "sft", "tasks": "topic", "seq_len": 48},
+                train={"steps": 40, "eval_every": 40, "eval_batches": 4})
+  workdir = str(tmp_path / "bert")
+  loop.run(cfg, workdir, progress=False)
+  tuned_cfg, params, tokenizer = loop.load(workdir)
+  logged = [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
+  losses = [m["train_loss"] for m in logged if "train_loss" in m]
+  assert losses[-1] < losses[0] - 0.3, losses  # from ~log(4) = 1.39
+  assert params["classifier"]["kernel"].shape[-1] == 4  # topic's labels
+  # The head's accuracy on the test split (chance: 25%) is what the head's logits say.
+  task = get_task("topic")
+  records = list(task.records("test"))[:96]
+  scores = evaluate_task(build(tuned_cfg.model, num_labels=4), params, tokenizer, task,
+                         max_examples=96)
+  assert scores["accuracy"] > 40, scores
+  rows, _ = sft_rows([task.template.apply(r) for r in records], tokenizer, 64, "encoder",
+                     labels=task.labels)
+  logits = jax.jit(functools.partial(build(tuned_cfg.model, num_labels=4).apply,
+                                     output="classify"))(
+      {"params": params}, rows["inputs"], None, rows["segment_ids"])
+  assert scores["accuracy"] == pytest.approx(
+      100 * np.mean(np.argmax(logits, -1) == rows["labels"]))
+  with pytest.raises(ConfigError, match="an encoder fine-tunes on classification tasks"):
+    loop.run(_config(model=bert, data={"objective": "sft", "tasks": "facts"}),
+             str(tmp_path / "facts"), progress=False)

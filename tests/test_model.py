@@ -50,6 +50,18 @@ def test_causality_gradient_is_zero_for_future_tokens(name):
   np.testing.assert_array_equal(dependence_TS[~past], 0.0)  # no later one does
 
 
+def test_input_embeddings_replace_the_token_lookup():
+  module, params = variant("gpt")
+  tokens = random_tokens(3)
+  positions, segments = np.tile(np.arange(T), (B, 1)), np.ones((B, T), np.int32)
+  embeds = np.asarray(params["embed"]["embedding"])[tokens]
+  np.testing.assert_array_equal(
+      module.apply({"params": params}, None, positions, segments, inputs_embeds_BTD=embeds),
+      forward("gpt", tokens))
+  with pytest.raises(ValueError, match="either tokens or inputs_embeds_BTD"):
+    module.apply({"params": params}, tokens, positions, segments, inputs_embeds_BTD=embeds)
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_packed_segments_do_not_attend_across_documents(name):
   rng = np.random.default_rng(0)

@@ -11,6 +11,7 @@ import pytest
 
 from llm import config as config_lib, models, peft
 from llm.config import ConfigError
+from llm.inference import decode
 from llm.peft import prompt as prompt_lib
 from llm.train import loop
 from llm.train.step import train_step
@@ -116,6 +117,54 @@ def test_virtual_tokens_are_the_soft_prompt_and_carry_no_loss():
     prompt_lib.prepend_virtual_tokens(batch, 30, cfg)
 
 
+@pytest.fixture(scope="module")
+def prefix_model():
+  module, params, batch = _init(GPT, method="prefix", prompt_length=3)
+  return module, peft.prefix.init_from_base(module, params, seed=0), batch
+
+
+def test_prefix_tuning_replaces_keys_and_values_at_the_virtual_tokens(prefix_model):
+  module, params, batch = prefix_model
+  cfg, n = module.cfg, module.cfg.peft.prompt_length
+  prefix, frozen = peft.split(params, peft.trainable_pattern(cfg.peft))
+  assert sorted(peft.paths(prefix)) == ["layers/attn/key/prefix", "layers/attn/value/prefix"]
+  assert prefix["layers"]["attn"]["key"]["prefix"].shape == (cfg.num_layers, n, cfg.kv_heads,
+                                                            cfg.dim_per_head)
+  longer = prompt_lib.prepend_virtual_tokens(batch, n, cfg)
+  forward = jax.jit(lambda p, b: models.apply_batch(module, p, b)[0])
+  # Initialised from the base: the prefix model is the base model reading the stand-ins.
+  base = models.build(dataclasses.replace(cfg, peft=config_lib.PeftConfig()))
+  stand_in = np.tile(peft.prefix.stand_in_ids(n, cfg.vocab_size), (2, 1))
+  real = dict(longer, inputs=np.concatenate([stand_in, batch["inputs"]], 1))
+  np.testing.assert_allclose(forward(params, longer), _logits(base, frozen, real), atol=1e-6)
+  # A moved prefix changes what real tokens see; what the model computes at the virtual
+  # positions (here their position embeddings) no longer reaches them.
+  rng = np.random.default_rng(1)
+  moved = peft.merge(jax.tree_util.tree_map(lambda x: x + rng.standard_normal(x.shape), prefix),
+                     frozen)
+  out = np.asarray(forward(moved, longer))
+  assert np.abs(out - forward(params, longer)).max() > 1e-2
+  # Every layer's keys and values get a gradient (the trainable part: the prefix alone).
+  loss = lambda t, b: models.apply_batch(module, peft.merge(t, frozen), b)[0][:, n:].std()
+  grads = jax.jit(jax.grad(loss))(prefix, longer)
+  assert all((np.abs(g).reshape(cfg.num_layers, -1).max(1) > 0).all()
+             for g in jax.tree_util.tree_leaves(grads))
+  pos = np.array(moved["pos_embed"]["embedding"])
+  pos[:n] += 1.0
+  shifted = {**moved, "pos_embed": {"embedding": pos}}
+  np.testing.assert_allclose(forward(shifted, longer)[:, n:], out[:, n:], atol=1e-6)
+  # Decoding (prefill the virtual tokens and a prompt into the cache, then one step of
+  # several tokens) gives the full forward's logits.
+  dec_module, dec_params = decode.for_decoding(module, moved)
+  inputs, split_at = jnp.asarray(longer["inputs"]), n + 4
+  state = jax.jit(lambda p, t: decode.prefill(dec_module, p, t, jnp.full((2,), split_at), 16))(
+      dec_params, inputs[:, :split_at])
+  np.testing.assert_allclose(state.logits_BV, out[:, split_at - 1], atol=1e-5)
+  step, _ = jax.jit(lambda p, s, t: decode.decode_step(dec_module, p, s, t))(
+      dec_params, state, inputs[:, split_at:])
+  np.testing.assert_allclose(step, out[:, split_at:], atol=1e-5)
+
+
 def _run_config(method: str, **train):
   return config_lib.from_configdict({
       "model": {**GPT, "vocab_size": 512, "max_len": 64, "peft": {"method": method}},
@@ -135,10 +184,10 @@ def test_training_moves_only_the_trainable_params(method):
   # Optimizer moments exist for the trainable params only.
   assert peft.count(state.opt_state) < 3 * peft.count(state.params) + 16
   frozen0, trainable0 = jax.device_get(state.frozen), jax.device_get(state.params)
-  batch = random_batch(batch=4, seq_len=32 - (cfg.model.peft.prompt_length
-                                              if method == "prompt" else 0), vocab=512)
-  if method == "prompt":
-    batch = prompt_lib.prepend_virtual_tokens(batch, cfg.model.peft.prompt_length, cfg.model)
+  n = prompt_lib.num_virtual_tokens(cfg.model.peft)
+  batch = random_batch(batch=4, seq_len=32 - n, vocab=512)
+  if n:
+    batch = prompt_lib.prepend_virtual_tokens(batch, n, cfg.model)
   step = jax.jit(train_step)
   for _ in range(2):
     state, metrics = step(state, batch)

@@ -66,6 +66,20 @@ def load_tasks(data_cfg, seed: int) -> tuple[list[Task], dict | None]:
   return tasks, {task.name: rate for task, rate in zip(tasks, rates)}
 
 
+def classification_labels(tasks: list[Task]) -> tuple[str, ...]:
+  """The one label set of classification tasks: what an encoder's classifier head
+  predicts (index i = labels[i])."""
+  names = ", ".join(t.name for t in tasks)
+  if any(not t.labels for t in tasks):
+    raise ConfigError(f"config.data.tasks={names!r}: an encoder fine-tunes on classification "
+                      "tasks (with labels, e.g. topic); use a decoder or an encoder_decoder "
+                      "for generation tasks")
+  if len({t.labels for t in tasks}) > 1:
+    raise ConfigError(f"config.data.tasks={names!r}: the classification tasks have different "
+                      "label sets; an encoder's head trains on one, so give tasks sharing it")
+  return tasks[0].labels
+
+
 def sft_split_rows(cfg, data_cfg, tokenizer, split: str) -> dict[str, np.ndarray]:
   """Rows for `split`: training draws steps x batch examples from the mixture (so the
   rates hold exactly as configured); evaluation takes every task's validation records."""
@@ -79,7 +93,9 @@ def sft_split_rows(cfg, data_cfg, tokenizer, split: str) -> dict[str, np.ndarray
     pairs = [pair for task in tasks for pair in task.pairs(task_split)]
   if not pairs:
     return {}  # the objective names the empty split (llm.objectives.check_rows)
-  rows, truncated = sft_rows(pairs, tokenizer, data_cfg.seq_len, cfg.model.family)
+  labels = classification_labels(tasks) if cfg.model.family == "encoder" else ()
+  rows, truncated = sft_rows(pairs, tokenizer, data_cfg.seq_len, cfg.model.family,
+                             labels=labels)
   if truncated:
     log.warning("%d of %d %s examples had their prompt cut on the left to fit data.seq_len=%d",
                 truncated, len(pairs), split, data_cfg.seq_len)

@@ -37,8 +37,10 @@ def lm_perplexity(cfg, params, tokenizer, source: str = "embedded", rows: int = 
 def evaluate_model(cfg, params, tokenizer, tasks: str, ks: Sequence[int] = (0,),
                    split: str = "test", max_examples: int | None = 100,
                    lm_source: str | None = "embedded") -> dict:
-  """{"tasks": {task: {k: scores}}, "lm_perplexity": float} for one model."""
-  module = build(cfg.model)
+  """{"tasks": {task: {k: scores}}, "lm_perplexity": float} for one model (an encoder
+  with a classifier head: its head's accuracy)."""
+  head = params.get("classifier", {}).get("kernel")
+  module = build(cfg.model, num_labels=0 if head is None else head.shape[-1])
   data_cfg = dataclasses.replace(cfg.data, tasks=tasks)
   results: dict = {"tasks": {}}
   for task in load_tasks(data_cfg, data_cfg.shuffle_seed)[0]:

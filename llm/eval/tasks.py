@@ -1,6 +1,7 @@
 """Task evaluation: k-shot prompts, then either batched greedy generation scored by the
 task's metric (ROUGE, BLEU, exact match) or classification by comparing the
-log-likelihood of each label's completion (accuracy). Decoders and encoder-decoders.
+log-likelihood of each label's completion (accuracy). Decoders and encoder-decoders;
+encoders score classification tasks by their classifier head (`head_accuracy`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import functools
 from typing import Callable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llm.config import ConfigError
@@ -18,6 +20,7 @@ from llm.data.templates import few_shot
 from llm.eval import metrics
 from llm.eval.likelihood import log_likelihood
 from llm.inference import SamplingConfig, generate_sequences
+from llm.models import apply_batch
 from llm.peft.prompt import model_prefix, with_virtual_tokens
 
 GenerateFn = Callable[[list[list[int]], int], list[list[int]]]
@@ -28,6 +31,39 @@ def _check_family(module):
   if module.cfg.family not in ("decoder", "encoder_decoder"):
     raise ConfigError(f"model.family={module.cfg.family!r}: task evaluation generates or scores "
                       "completions, which needs a decoder or an encoder_decoder")
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def _head_predictions(module, params, batch):
+  return jnp.argmax(apply_batch(module, params, batch, output="classify")[0], axis=-1)
+
+
+def head_accuracy(module, params, tokenizer, task: Task, records: Sequence[dict],
+                  batch_size: int = 64) -> dict[str, float]:
+  """{"accuracy": percent} of an encoder's classifier head (trained on `task.labels`,
+  in that order) on `records`, each framed as in training: [CLS] prompt [SEP]."""
+  if task.metric != "accuracy":
+    raise ConfigError(f"task {task.name!r} ({task.metric}): an encoder scores classification "
+                      "tasks only (accuracy from its head); use a decoder for generation")
+  head = params.get("classifier", {}).get("kernel")
+  if head is None or head.shape[-1] != len(task.labels):
+    width = "is absent" if head is None else f"has {head.shape[-1]}"
+    raise ConfigError(f"task {task.name!r} has {len(task.labels)} labels but the model's "
+                      f"classifier head {width}; evaluate an encoder "
+                      "fine-tuned on this task (experiments.finetune, data.tasks)")
+  pairs = [task.template.apply(record) for record in records]
+  needed = max(len(p) for p in tokenizer.encode_batch([p for p, _ in pairs])) + 2
+  seq_len = min(-(-needed // _LENGTH_BUCKET) * _LENGTH_BUCKET, module.cfg.max_len)
+  rows, _ = sft_rows(pairs, tokenizer, seq_len, "encoder", labels=task.labels)
+  num_rows = len(pairs)
+  padded = -(-num_rows // batch_size) * batch_size
+  rows = {k: np.pad(v, ((0, padded - num_rows),) + ((0, 0),) * (v.ndim - 1))
+          for k, v in rows.items()}
+  predictions = np.concatenate([np.asarray(_head_predictions(
+      module, params, with_virtual_tokens({k: jnp.asarray(v[s:s + batch_size])
+                                           for k, v in rows.items()}, module.cfg)))
+      for s in range(0, padded, batch_size)])[:num_rows]
+  return metrics.accuracy(predictions.tolist(), rows["labels"][:num_rows].tolist())
 
 
 def _chunks(items: Sequence, batch_size: int) -> list[list]:
@@ -151,8 +187,14 @@ def evaluate_task(module, params, tokenizer, task: Task, split: str = "test", k_
   likely; the others generate greedily, through `generate_fn(prompt_ids,
   max_new_tokens) -> token lists` when given (e.g. a model with a soft prompt).
   """
-  _check_family(module)
   records = _records(task, split, max_examples)
+  if module.cfg.family == "encoder":
+    if k_shot:
+      raise ConfigError(f"k_shot={k_shot}: an encoder's classifier head scores the record "
+                        "alone; evaluate it with k_shot 0")
+    return {**head_accuracy(module, params, tokenizer, task, records, batch_size),
+            "n": len(records)}
+  _check_family(module)
   if task.metric == "accuracy":
     scores = _evaluate_labels(module, params, tokenizer, task, records, k_shot, seed,
                               batch_size)

@@ -29,6 +29,17 @@ def make_norm(cfg: ModelConfig, name: str) -> Norm:
               param_dtype=cfg.param_dtype, name=name)
 
 
+def residual(cfg: ModelConfig, x_BTD, sublayer, norm_name: str, deterministic: bool):
+  """One residual sublayer, as every block (decoder, encoder, encoder-decoder) has it:
+  pre-norm x + dropout(f(norm(x))) (GPT-2, LLaMA, T5) or post-norm norm(x + dropout(f(x)))
+  (BERT, BART). Called inside a block's compact __call__, so the norm is its child."""
+  norm = make_norm(cfg, norm_name)
+  drop = lambda h: nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+  if cfg.post_norm:
+    return norm(x_BTD + drop(sublayer(x_BTD)))
+  return x_BTD + drop(sublayer(norm(x_BTD)))
+
+
 class Block(nn.Module):
   """Transformer block. Pre-norm (GPT-2, LLaMA, T5): x + f(norm(x)); post-norm (BERT,
   BART): norm(x + f(x)); f is self-attention, then the MLP."""
@@ -50,16 +61,9 @@ class Block(nn.Module):
     else:
       mlp = lambda h: MLP(cfg, name="mlp")(h, self.deterministic)
     for sublayer, norm_name in ((attention, "attn_norm"), (mlp, "mlp_norm")):
-      norm = make_norm(cfg, norm_name)
-      if cfg.post_norm:
-        x_BTD = norm(x_BTD + self._dropout(sublayer(x_BTD)))
-      else:
-        x_BTD = x_BTD + self._dropout(sublayer(norm(x_BTD)))
+      x_BTD = residual(cfg, x_BTD, sublayer, norm_name, self.deterministic)
     x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
     return x_BTD, None
-
-  def _dropout(self, h):
-    return nn.Dropout(self.cfg.dropout)(h, deterministic=self.deterministic)
 
 
 def is_moe_layer(cfg: ModelConfig, i: int) -> bool:
@@ -142,6 +146,36 @@ class Embed(nn.Module):
 
   def attend(self, x_BTD):
     return self(x_BTD, attend=True)
+
+
+def embed_inputs(cfg: ModelConfig, embed: Embed, tokens_BT, positions_BT, *,
+                 inputs_embeds_BTD=None, position_offset: int = 0, token_types_BT=None):
+  """The prologue of every stack: the token embeddings (or `inputs_embeds_BTD` given
+  instead, e.g. another model's features), plus learned positions (a table of max_len +
+  position_offset rows), plus token types when given (BERT), then the embedding norm.
+  Called inside a model's compact __call__, so the tables are its children."""
+  kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, init_std=cfg.init_std)
+  if inputs_embeds_BTD is None:
+    x_BTD = embed(tokens_BT)
+  else:
+    x_BTD = inputs_embeds_BTD.astype(dtype_of(cfg.dtype))
+  if cfg.positions == "learned":
+    x_BTD = x_BTD + Embed(cfg.max_len + position_offset, cfg.d_model, axes=(None, "embed"),
+                          name="pos_embed", **kw)(positions_BT + position_offset)
+  if token_types_BT is not None:
+    x_BTD = x_BTD + Embed(cfg.type_vocab_size, cfg.d_model, axes=(None, "embed"),
+                          name="type_embed", **kw)(token_types_BT)
+  if cfg.embed_norm:
+    x_BTD = make_norm(cfg, "embed_norm")(x_BTD)
+  return x_BTD
+
+
+def input_shape(tokens_BT, inputs_embeds_BTD) -> tuple[int, int]:
+  """(B, T) of a model's input: token ids or, instead, input embeddings (exactly one)."""
+  if (tokens_BT is None) == (inputs_embeds_BTD is None):
+    raise ValueError("pass either tokens or inputs_embeds_BTD (input embeddings), not both "
+                     "or neither")
+  return (tokens_BT if inputs_embeds_BTD is None else inputs_embeds_BTD).shape[:2]
 
 
 def default_positions(segment_ids_BT: jax.Array) -> jax.Array:

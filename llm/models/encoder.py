@@ -11,7 +11,7 @@ from llm.config import ModelConfig
 from llm.layers.linear import Linear, logical_init
 from llm.layers.mlp import ACTIVATIONS
 from llm.models.blocks import (Block, Embed, block_stack, check_length, default_positions,
-                               make_norm)
+                               embed_inputs, input_shape, make_norm)
 
 OUTPUTS = ("mlm", "hidden", "pooled", "classify")
 
@@ -29,7 +29,8 @@ class Encoder(nn.Module):
   hidden: final hidden states (B, T, D); pooled: tanh(dense(h[:, 0])) (B, D);
   classify: logits (B, num_labels) over the pooled output (needs `num_labels`).
   `segment_ids` (0 = padding) limit attention to each packed piece; `token_types`
-  are BERT's sentence A/B ids.
+  are BERT's sentence A/B ids; `inputs_embeds_BTD` (B, T, D) replaces the token lookup
+  (pass tokens_BT=None).
   """
 
   cfg: ModelConfig
@@ -37,27 +38,23 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, token_types_BT=None,
-               deterministic: bool = True, output: str = "mlm"):
+               deterministic: bool = True, output: str = "mlm", inputs_embeds_BTD=None):
     if output not in OUTPUTS:
       raise ValueError(f"output={output!r}: must be one of {', '.join(OUTPUTS)}")
     cfg = self.cfg
-    check_length(cfg, tokens_BT.shape[1])
+    shape_BT = input_shape(tokens_BT, inputs_embeds_BTD)
+    check_length(cfg, shape_BT[1])
     if segment_ids_BT is None:
-      segment_ids_BT = jnp.ones_like(tokens_BT)
+      segment_ids_BT = jnp.ones(shape_BT, jnp.int32)
     if positions_BT is None:
       positions_BT = default_positions(segment_ids_BT)
-    embed_kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, init_std=cfg.init_std)
-    embed = Embed(cfg.vocab_size, cfg.d_model, name="embed", **embed_kw)
-    x_BTD = embed(tokens_BT)
-    if cfg.positions == "learned":
-      x_BTD = x_BTD + Embed(cfg.max_len + cfg.position_offset, cfg.d_model, axes=(None, "embed"),
-                            name="pos_embed", **embed_kw)(positions_BT + cfg.position_offset)
-    if cfg.type_vocab_size:
-      types_BT = jnp.zeros_like(tokens_BT) if token_types_BT is None else token_types_BT
-      x_BTD = x_BTD + Embed(cfg.type_vocab_size, cfg.d_model, axes=(None, "embed"),
-                            name="type_embed", **embed_kw)(types_BT)
-    if cfg.embed_norm:
-      x_BTD = make_norm(cfg, "embed_norm")(x_BTD)
+    embed = Embed(cfg.vocab_size, cfg.d_model, name="embed", dtype=cfg.dtype,
+                  param_dtype=cfg.param_dtype, init_std=cfg.init_std)
+    if cfg.type_vocab_size and token_types_BT is None:
+      token_types_BT = jnp.zeros(shape_BT, jnp.int32)
+    x_BTD = embed_inputs(cfg, embed, tokens_BT, positions_BT, inputs_embeds_BTD=inputs_embeds_BTD,
+                         position_offset=cfg.position_offset,
+                         token_types_BT=token_types_BT if cfg.type_vocab_size else None)
     x_BTD = self.perturb("embedded", x_BTD)
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
     stack = block_stack(Block, cfg, num_args=3, causal=False, deterministic=deterministic)

@@ -19,7 +19,7 @@ from llm.layers.linear import Linear, logical_init
 from llm.layers.mlp import MLP
 from llm.layers.moe import MoE
 from llm.models.blocks import (Block, Embed, block_stack, check_length, default_positions,
-                               make_norm)
+                               embed_inputs, make_norm, residual)
 
 
 class EncDecBlock(nn.Module):
@@ -46,16 +46,9 @@ class EncDecBlock(nn.Module):
         (lambda h: (MoE(cfg, name="moe")(h, self.deterministic, segment_ids_BT != 0) if self.moe
                     else MLP(cfg, name="mlp")(h, self.deterministic)), "mlp_norm"))
     for sublayer, norm_name in sublayers:
-      norm = make_norm(cfg, norm_name)
-      if cfg.post_norm:
-        x_BTD = norm(x_BTD + self._dropout(sublayer(x_BTD)))
-      else:
-        x_BTD = x_BTD + self._dropout(sublayer(norm(x_BTD)))
+      x_BTD = residual(cfg, x_BTD, sublayer, norm_name, self.deterministic)
     x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_length", "act_embed"))
     return x_BTD, None
-
-  def _dropout(self, h):
-    return nn.Dropout(self.cfg.dropout)(h, deterministic=self.deterministic)
 
 
 class Stack(nn.Module):
@@ -70,14 +63,8 @@ class Stack(nn.Module):
                cross_mask_BTS=None, decode: bool = False, deterministic: bool = True):
     cfg = self.cfg
     check_length(cfg, tokens_BT.shape[1], "decoder input" if self.is_decoder else "encoder input")
-    x_BTD = self.embed(tokens_BT)
-    if cfg.positions == "learned":
-      x_BTD = x_BTD + Embed(cfg.max_len + cfg.position_offset, cfg.d_model, axes=(None, "embed"),
-                            dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                            init_std=cfg.init_std, name="pos_embed")(
-                                positions_BT + cfg.position_offset)
-    if cfg.embed_norm:
-      x_BTD = make_norm(cfg, "embed_norm")(x_BTD)
+    x_BTD = embed_inputs(cfg, self.embed, tokens_BT, positions_BT,
+                         position_offset=cfg.position_offset)
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
     rel_table_KN = None
     if cfg.positions == "relative":

@@ -13,10 +13,10 @@ import contextlib
 import flax.linen as nn
 
 from llm.config import ModelConfig
-from llm.peft import adapters, lora, prompt
+from llm.peft import adapters, lora, prefix, prompt
 
 INTERCEPTORS = {"lora": lora.interceptor, "prompt": prompt.interceptor,
-                "adapter": adapters.interceptor}
+                "prefix": prefix.interceptor, "adapter": adapters.interceptor}
 
 
 def needs_interception(cfg: ModelConfig) -> bool:

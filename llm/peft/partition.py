@@ -17,6 +17,7 @@ DEFAULT_TRAINABLE = {
     "full": r".*",
     "lora": r"(^|/)lora_[ab]$",
     "prompt": r"(^|/)soft_prompt$",
+    "prefix": r"/(key|value)/prefix$",
     "adapter": r"(^|/)adapter_(down|up)$",
     "bitfit": r"(^|/)(bias|mlm_bias)$",
 }

@@ -65,15 +65,24 @@ def init_from_vocab(params: dict, peft: PeftConfig, seed: int, first_real_id: in
   return {**params, TOKEN_EMBEDDING: {**params[TOKEN_EMBEDDING], "soft_prompt": soft}}
 
 
+VIRTUAL_TOKEN_METHODS = ("prompt", "prefix")  # prefix tuning reuses the virtual tokens
+
+
+def num_virtual_tokens(peft: PeftConfig) -> int:
+  """How many virtual tokens go before every input: prompt_length under prompt or prefix
+  tuning, else 0."""
+  return peft.prompt_length if peft.method in VIRTUAL_TOKEN_METHODS else 0
+
+
 def model_prefix(cfg: ModelConfig) -> list[int]:
-  """The ids every input of this model starts with: the virtual tokens under prompt
-  tuning, else none. Generation and scoring put them before the prompt."""
-  return virtual_ids(cfg.peft.prompt_length) if cfg.peft.method == "prompt" else []
+  """The ids every input of this model starts with: the virtual tokens under prompt or
+  prefix tuning, else none. Generation and scoring put them before the prompt."""
+  return virtual_ids(num_virtual_tokens(cfg.peft))
 
 
 def with_virtual_tokens(batch: dict, cfg: ModelConfig) -> dict:
-  """`batch` as the model expects it: virtual tokens first under prompt tuning."""
-  if cfg.peft.method != "prompt":
+  """`batch` as the model expects it: virtual tokens first under prompt or prefix tuning."""
+  if not num_virtual_tokens(cfg.peft):
     return batch
   return prepend_virtual_tokens(batch, cfg.peft.prompt_length, cfg)
 

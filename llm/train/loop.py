@@ -73,6 +73,8 @@ def _initial_params(cfg: Config, base_params) -> dict | None:
   params = init_from.overlay(fresh, base_params)
   if cfg.model.peft.method == "prompt":
     params = peft.prompt.init_from_vocab(params, cfg.model.peft, cfg.train.seed)
+  if cfg.model.peft.method == "prefix":  # the prefix starts as the base's K/V of real tokens
+    params = peft.prefix.init_from_base(module, params, cfg.train.seed)
   return objective.initial_params(cfg, params)
 
 
