@@ -113,10 +113,14 @@ def setup_logging():
 
 @contextlib.contextmanager
 def json_stdout():
-  """Yields a dict to fill; prints it as the only line on the real stdout at exit."""
+  """Yields a dict to fill; prints it as the only line on the real stdout at exit, with
+  the 1-minute load average before and after (on a shared machine it says how far to
+  trust the figures)."""
   result: dict = {}
   real_stdout = sys.stdout
+  load_before = os.getloadavg()[0]
   with contextlib.redirect_stdout(sys.stderr):
     yield result
+  result["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
   real_stdout.write(json.dumps(result, indent=2, sort_keys=True) + "\n")
   real_stdout.flush()

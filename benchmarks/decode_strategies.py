@@ -24,11 +24,13 @@ import statistics
 from common import best_and_median, json_stdout, log, setup_logging, time_calls
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llm import models, train
 from llm.inference import (SamplingConfig, beam_search, build_prefix_cache, for_decoding,
                            generate_sequences, generate_with_prefix, speculative_generate)
+from llm.inference.decode import decode_step, prefill
 from llm.inference.speculative import check_same_tokenizer
 
 PROMPTS = ["Return the", "The ", "A list of", "If the"]
@@ -39,7 +41,7 @@ def parse_args():
   p.add_argument("--target_workdir", default="/tmp/spec_target")
   p.add_argument("--draft_workdir", default="/tmp/spec_draft")
   p.add_argument("--new_tokens", type=int, default=64)
-  p.add_argument("--gammas", default="2,4")
+  p.add_argument("--gammas", default="2,3,4")
   p.add_argument("--prefix_len", type=int, default=192)
   p.add_argument("--requests", type=int, default=8)
   p.add_argument("--repeats", type=int, default=5)
@@ -55,6 +57,37 @@ def interleaved(calls: dict, repeats: int) -> dict:
     for name, fn in calls.items():
       times[name].append(time_calls(fn, 1))
   return times
+
+
+def forward_ms(module, params, prompt, k: int, cache_len: int, steps: int = 32,
+               repeats: int = 9) -> float:
+  """Best ms of one decode_step appending k tokens at batch 1, inside a jitted loop (no
+  dispatch), the row's end held fixed; the logits are summed so none is optimised away."""
+  state = prefill(module, params, jnp.asarray([prompt], jnp.int32),
+                  jnp.asarray([len(prompt)], jnp.int32), cache_len)
+  tokens = jnp.ones((1, k), jnp.int32)
+
+  def body(_, carry):
+    total, state = carry
+    logits, new = decode_step(module, params, state, tokens)
+    return total + logits.sum(), new.replace(end_B=state.end_B)
+  loop = jax.jit(lambda p, s: jax.lax.fori_loop(0, steps, body, (0.0, s))[0])
+  fn = lambda: jax.block_until_ready(loop(params, state))
+  fn()
+  return 1e3 * min(time_calls(fn, 1) for _ in range(repeats)) / steps
+
+
+def round_costs(target, params, draft, draft_params, prompt, gammas, new_tokens) -> dict:
+  """What a speculative round is made of: gamma draft forwards (the first reads up to two
+  tokens) and one target forward of gamma + 1 tokens, next to a plain greedy step."""
+  cache_len = len(prompt) + new_tokens  # the cache a generation of new_tokens holds
+  ms = lambda module, p, k: forward_ms(module, p, prompt, k, cache_len)
+  out = {"target_1_token_ms": ms(target, params, 1),
+         "draft_1_token_ms": ms(draft, draft_params, 1),
+         "draft_2_tokens_ms": ms(draft, draft_params, 2)}
+  for g in gammas:
+    out[f"target_{g + 1}_tokens_ms"] = ms(target, params, g + 1)
+  return out
 
 
 def speculative_vs_greedy(target, params, draft, draft_params, ids, args) -> dict:
@@ -74,10 +107,20 @@ def speculative_vs_greedy(target, params, draft, draft_params, ids, args) -> dic
   for name, ts in times.items():
     result[name] = {**best_and_median(ts), "tokens_per_s": len(ids) * args.new_tokens /
                     statistics.median(ts), "speedup_vs_greedy": base / statistics.median(ts)}
+  costs = round_costs(target, params, draft, draft_params, ids[0], gammas, args.new_tokens)
+  result["forward_costs"] = costs
   for g in gammas:
     outs = spec[g]()
+    rounds = sum(stats["rounds"] for _, stats in outs)
+    parts_ms = (costs["draft_2_tokens_ms"] + (g - 1) * costs["draft_1_token_ms"]
+                + costs[f"target_{g + 1}_tokens_ms"])
+    round_ms = 1e3 * statistics.median(times[f"speculative_gamma_{g}"]) / rounds
     result[f"speculative_gamma_{g}"].update({
         "acceptance_rate": float(np.mean([stats["acceptance_rate"] for _, stats in outs])),
+        "rounds": rounds, "tokens_per_round": len(ids) * args.new_tokens / rounds,
+        # a round's time (prefill included, so an upper bound) against its forwards
+        "ms_per_round": round_ms, "forwards_ms_per_round": parts_ms,
+        "other_ms_per_round": round_ms - parts_ms,
         "same_tokens_as_greedy": all(np.array_equal(o.tokens, w)
                                      for (o, _), w in zip(outs, want))})
   return result

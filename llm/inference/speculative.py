@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from llm.config import ConfigError
 from llm.inference.decode import decode_step, for_decoding, prefill, truncate_rows
 from llm.inference.generate import Generation, prompt_inputs, to_generation
-from llm.inference.sampling import SamplingConfig, sampling_logits, token_logprobs
+from llm.inference.sampling import (SamplingConfig, sample, sampling_logits, suppress,
+                                    token_logprobs)
 
 
 def check_draft(target_cfg, draft_cfg, gamma: int) -> None:
@@ -47,18 +48,21 @@ def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:
                       "draft with --config.data.tokenizer_path set to the target's tokenizer")
 
 
-def _probs(logits_BV, sampling):
-  return jax.nn.softmax(sampling_logits(logits_BV, sampling), axis=-1)
+def _greedy_token(logits_BV, sampling):
+  return jnp.argmax(suppress(logits_BV, sampling.suppress_ids), axis=-1).astype(jnp.int32)
 
 
 def _draft(draft, draft_params, state, first_BK, first_len_B, rng, sampling, gamma):
-  """gamma draft tokens (B, gamma) and the draft's distributions they came from."""
+  """gamma draft tokens (B, gamma) and the draft's distributions they came from (greedy:
+  None; the tokens are argmaxes, no random draws or vocabulary-wide softmax needed)."""
   _, state = decode_step(draft, draft_params, state, first_BK, first_len_B)
 
   def propose(state, rng):
-    q_BV = _probs(state.logits_BV, sampling)
-    x_B = jax.random.categorical(rng, jnp.log(q_BV), axis=-1).astype(jnp.int32)
-    return x_B, q_BV
+    if sampling.greedy:
+      return _greedy_token(state.logits_BV, sampling), None
+    logits_BV = sampling_logits(state.logits_BV, sampling)
+    x_B = jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+    return x_B, jax.nn.softmax(logits_BV, axis=-1)
 
   def step(carry, rng):
     state, x_B = carry
@@ -66,18 +70,32 @@ def _draft(draft, draft_params, state, first_BK, first_len_B, rng, sampling, gam
     x_B, q_BV = propose(state, rng)
     return (state, x_B), (x_B, q_BV)
 
-  rngs = jax.random.split(rng, gamma)
+  rngs = jax.random.split(rng, gamma) if rng is not None else [None] * gamma
   x_B, q_BV = propose(state, rngs[0])
-  (state, _), (xs_GB, qs_GBV) = jax.lax.scan(step, (state, x_B), rngs[1:])
-  x_BG = jnp.concatenate([x_B[:, None], xs_GB.T], axis=1)
-  q_BGV = jnp.concatenate([q_BV[:, None], jnp.swapaxes(qs_GBV, 0, 1)], axis=1)
-  return state, x_BG, q_BGV
+  xs, qs = [x_B], [q_BV]
+  for i in range(1, gamma):  # unrolled: gamma is a small static int; one straight-line round
+    (state, x_B), (x_B, q_BV) = step((state, x_B), rngs[i])
+    xs.append(x_B)
+    qs.append(q_BV)
+  q_BGV = None if sampling.greedy else jnp.stack(qs, axis=1)
+  return state, jnp.stack(xs, axis=1), q_BGV
+
+
+def _verify_greedy(target_logits_BKV, x_BG, sampling):
+  """Greedy acceptance: draft tokens survive while they equal the target's argmax."""
+  b, k, v = target_logits_BKV.shape
+  best_BK = _greedy_token(target_logits_BKV.reshape(b * k, v), sampling).reshape(b, k)
+  kept_B = jnp.sum(jnp.cumprod(best_BK[:, :-1] == x_BG, axis=1), axis=1)
+  return kept_B, jnp.take_along_axis(best_BK, kept_B[:, None], axis=1)[:, 0]
 
 
 def _verify(target_logits_BKV, x_BG, q_BGV, rng, sampling):
   """(kept_B, next_B): how many draft tokens survive, and the token drawn after them."""
+  if sampling.greedy:
+    return _verify_greedy(target_logits_BKV, x_BG, sampling)
   b, g = x_BG.shape
-  p_BKV = jax.vmap(lambda l: _probs(l, sampling), in_axes=1, out_axes=1)(target_logits_BKV)
+  p_BKV = jax.vmap(lambda l: jax.nn.softmax(sampling_logits(l, sampling), axis=-1),
+                   in_axes=1, out_axes=1)(target_logits_BKV)
   pick = lambda probs_BGV: jnp.take_along_axis(probs_BGV, x_BG[..., None], axis=-1)[..., 0]
   accept_rng, next_rng = jax.random.split(rng)
   ratio_BG = pick(p_BKV[:, :g]) / pick(q_BGV)
@@ -102,11 +120,9 @@ def _speculative(target, params, draft, draft_params, inputs: dict, rng,
   width = n + gamma + 2  # room for a round's overflow; the last column takes masked writes
   eos = -1 if sampling.eos_id is None else sampling.eos_id
   rng, first_rng = jax.random.split(rng)
-  logits_BV = t_state.logits_BV
-  pending_B = jax.random.categorical(first_rng, sampling_logits(logits_BV, sampling),
-                                     axis=-1).astype(jnp.int32)
+  pending_B, logp_B = sample(first_rng, t_state.logits_BV, sampling)
   tokens_BM = jnp.zeros((b, width), jnp.int32).at[:, 0].set(pending_B)
-  logps_BM = jnp.zeros((b, width)).at[:, 0].set(token_logprobs(logits_BV, pending_B))
+  logps_BM = jnp.zeros((b, width)).at[:, 0].set(logp_B)
   done_B = (pending_B == eos) | (n == 1)
   zeros_B = jnp.zeros((b,), jnp.int32)
   carry = (t_state, d_state, pending_B, zeros_B, zeros_B.astype(bool), tokens_BM, logps_BM,
@@ -115,7 +131,10 @@ def _speculative(target, params, draft, draft_params, inputs: dict, rng,
   def body(carry):
     (t_state, d_state, pending_B, backlog_B, full_B, tokens_BM, logps_BM, count_B, done_B,
      rng, kept_total, rounds) = carry
-    rng, draft_rng, verify_rng = jax.random.split(rng, 3)
+    if sampling.greedy:  # no random draws at all
+      draft_rng = verify_rng = None
+    else:
+      rng, draft_rng, verify_rng = jax.random.split(rng, 3)
     first_BK = jnp.where(full_B[:, None], jnp.stack([backlog_B, pending_B], 1),
                          jnp.stack([pending_B, zeros_B], 1))
     d_end_B = d_state.end_B + full_B + 1
