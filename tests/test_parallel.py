@@ -27,11 +27,13 @@ T5_TINY = dict(GPT_TINY, family="encoder_decoder", num_decoder_layers=2, positio
 # A LLaMA-style decoder whose second layer is a mixture of experts: the dense decoder
 # and MoE families in one compile (a dense block, then a MoE block, scanned as a group).
 DECODER_MOE = dict(LLAMA_TINY, moe=dict(num_experts=4, top_k=2, every=2, capacity_factor=2.0))
-# family: (model, objective, meshes as (data, fsdp, tensor, expert))
+# family: (model, objective, meshes as (data, fsdp, tensor, expert)). Between them: every
+# axis alone and in pairs and all three, fsdp and tensor up to all 8 / 4 devices (the
+# decoder's three meshes are also the checkpoint test's).
 FAMILIES = {
     "decoder_moe": (DECODER_MOE, "clm", [(2, 4, 1, 1), (4, 1, 2, 1), (1, 1, 1, 2)]),
-    "encoder": (BERT_TINY, "mlm", [(2, 2, 2, 1), (1, 8, 1, 1), (2, 1, 4, 1)]),
-    "encoder_decoder": (T5_TINY, "span", [(4, 2, 1, 1), (2, 2, 2, 1), (1, 2, 4, 1)]),
+    "encoder": (BERT_TINY, "mlm", [(2, 2, 2, 1), (1, 8, 1, 1)]),
+    "encoder_decoder": (T5_TINY, "span", [(4, 2, 1, 1), (1, 2, 4, 1)]),
 }
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -113,7 +115,7 @@ def _assert_same_step(a, b):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_every_family_steps_on_three_meshes_as_on_one_device(families, name):
+def test_every_family_steps_on_its_meshes_as_on_one_device(families, name):
   family = _family(families, name)
   ref_state, ref_metrics, _ = family.step(family.host_state, (1, 1, 1, 1), _batch())
   initial = jax.device_get(family.host_state.params)
