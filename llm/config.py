@@ -190,41 +190,9 @@ class ParallelConfig:
   expert: int = 1  # devices MoE experts are split over (the batch too, outside the experts)
 
 
-@dataclasses.dataclass(frozen=True)
-class AlignConfig:
-  """Preference tuning (`llm.align`): reward model, DPO, PPO with a KL penalty."""
-
-  # Preference pairs: a generated task with a hidden rule (llm.data.preferences) or
-  # jsonl:PATH of ranking / pairwise / thumbs records.
-  preferences: str = "review"
-  dpo_beta: float = 0.1  # DPO: strength of the implicit KL to the reference
-  rater: str = ""  # PPO: the reward model's workdir (experiments.reward_model)
-  kl_coef: float = 0.1  # PPO: coefficient of the per-token KL to the reference; 0 = none
-  kl_target: float = 0.0  # > 0: adaptive coefficient (Ziegler et al.) steering KL/response here
-  kl_horizon: int = 10000  # adaptive controller's horizon, in sampled responses
-  rollout_batch: int = 64  # prompts per rollout; train.steps counts rollouts
-  response_len: int = 24  # max new tokens per response
-  temperature: float = 1.0  # rollout sampling temperature
-  ppo_epochs: int = 4  # passes over each rollout batch
-  ppo_minibatches: int = 4  # optimizer updates per pass
-  clip_eps: float = 0.2  # PPO ratio clip
-  value_clip: float = 0.2  # value-prediction clip around the rollout's values
-  value_coef: float = 0.5  # weight of the value-head loss in the PPO objective
-  entropy_coef: float = 0.0  # weight of the policy-entropy bonus (0 = none)
-  gamma: float = 1.0  # GAE discount per token
-  gae_lambda: float = 0.95  # GAE bias-variance trade-off (1 = Monte Carlo returns)
-
-
-@dataclasses.dataclass(frozen=True)
-class CompressConfig:
-  """Distillation and pruning (`llm.compress`)."""
-
-  teacher: str = ""  # distillation: the teacher's workdir (same tokenizer as the student)
-  distill_alpha: float = 0.5  # weight of the soft-label KL; 1 - alpha on the hard labels
-  distill_temperature: float = 2.0  # softens teacher and student logits; the KL is scaled by T^2
-  sparsities: str = "0,0.25,0.5,0.75,0.9"  # pruning: target shares of zero weights
-  prune_scopes: str = "global,layer"  # global and/or layer (each matrix to the sparsity)
-  nm: str = "2:4"  # N:M structured sparsity (N non-zeros in every M); "" to skip
+# The post-training methods' settings live beside them; Config nests them.
+from llm.align.settings import AlignConfig  # noqa: E402
+from llm.compress.settings import CompressConfig  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -528,39 +496,3 @@ def default_configdict():
   for section, cls in _SECTIONS.items():
     cd[section] = group_of(cls)
   return cd
-
-
-def field_docs(cls) -> dict[str, str]:
-  """{field: its one-line description}: the comment on the field's line in this file, else
-  the comment lines just above it. Documenting a new field is writing that comment."""
-  import inspect
-  import io
-  import tokenize
-  lines, _ = inspect.getsourcelines(cls)
-  comments = {tok.start[0]: tok.string.lstrip("#").strip() for tok in
-              tokenize.generate_tokens(io.StringIO("".join(lines)).readline)
-              if tok.type == tokenize.COMMENT}
-  names, docs = {f.name for f in dataclasses.fields(cls)}, {}
-  for number, line in enumerate(lines, 1):
-    match = re.match(r"\s+(\w+):[^=]+=", line)
-    if not match or match.group(1) not in names:
-      continue
-    above, i = [], number - 1
-    while i in comments and lines[i - 1].lstrip().startswith("#"):
-      above.insert(0, comments[i])
-      i -= 1
-    docs[match.group(1)] = comments.get(number) or " ".join(above)
-  return docs
-
-
-def describe(cfg, section: str = "") -> list[tuple[str, Any, str]]:
-  """(dotted field name, value, description) for every field of `cfg`, nested groups
-  flattened: what `--print_config` prints."""
-  rows, docs = [], field_docs(type(cfg))
-  for f in dataclasses.fields(cfg):
-    name, value = f"{section}.{f.name}" if section else f.name, getattr(cfg, f.name)
-    if dataclasses.is_dataclass(value):
-      rows += describe(value, name)
-    else:
-      rows.append((name, value, docs.get(f.name, "")))
-  return rows

@@ -7,10 +7,12 @@ ConfigError naming the field and the fix (the closest valid name, the sizes ther
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import os
 import re
+from typing import Any
 
 from llm import config as config_lib
 from llm.config import ConfigError
@@ -134,7 +136,7 @@ def parse_value(name: str, text: str | None, kind: type, optional: bool):
 
 def format_config(cfg) -> str:
   """Every field as `section.field = value  # description`."""
-  rows = config_lib.describe(cfg)
+  rows = describe(cfg)
   width = min(40, max(len(f"{name} = {value!r}") for name, value, _ in rows))
   return "\n".join(f"{f'{name} = {value!r}':<{width}}  # {doc}" for name, value, doc in rows)
 
@@ -160,3 +162,39 @@ def help_text(doc: str | None, default: str | None, spec: str | None, flags_help
   lines += ["--debug: show the traceback of an error (or set LLM_DEBUG=1).", "",
             flags_help.strip()]
   return "\n".join(lines)
+
+
+def field_docs(cls) -> dict[str, str]:
+  """{field: its one-line description}: the comment on the field's line in the class's source, else
+  the comment lines just above it. Documenting a new field is writing that comment."""
+  import inspect
+  import io
+  import tokenize
+  lines, _ = inspect.getsourcelines(cls)
+  comments = {tok.start[0]: tok.string.lstrip("#").strip() for tok in
+              tokenize.generate_tokens(io.StringIO("".join(lines)).readline)
+              if tok.type == tokenize.COMMENT}
+  names, docs = {f.name for f in dataclasses.fields(cls)}, {}
+  for number, line in enumerate(lines, 1):
+    match = re.match(r"\s+(\w+):[^=]+=", line)
+    if not match or match.group(1) not in names:
+      continue
+    above, i = [], number - 1
+    while i in comments and lines[i - 1].lstrip().startswith("#"):
+      above.insert(0, comments[i])
+      i -= 1
+    docs[match.group(1)] = comments.get(number) or " ".join(above)
+  return docs
+
+
+def describe(cfg, section: str = "") -> list[tuple[str, Any, str]]:
+  """(dotted field name, value, description) for every field of `cfg`, nested groups
+  flattened: what `--print_config` prints."""
+  rows, docs = [], field_docs(type(cfg))
+  for f in dataclasses.fields(cfg):
+    name, value = f"{section}.{f.name}" if section else f.name, getattr(cfg, f.name)
+    if dataclasses.is_dataclass(value):
+      rows += describe(value, name)
+    else:
+      rows.append((name, value, docs.get(f.name, "")))
+  return rows

@@ -185,14 +185,14 @@ def test_print_config_lists_every_field_with_its_value_and_description(capsys):
     _parse("--print_config --config.train.steps=7")  # no --workdir needed to look
   out = capsys.readouterr().out.splitlines()
   assert exit_.value.code == 0
-  names = [name for name, _, _ in config_lib.describe(config_lib.Config())]
+  names = [name for name, _, _ in config_cli.describe(config_lib.Config())]
   assert [line.split(" = ")[0] for line in out] == names
   assert "train.steps = 7" in out[names.index("train.steps")]
   assert all(len(line.split("  # ", 1)[1]) > 8 for line in out)  # a description each
 
 
 def test_every_config_field_has_a_description():
-  rows = config_lib.describe(config_lib.Config())
+  rows = config_cli.describe(config_lib.Config())
   assert len(rows) > 80 and [name for name, _, doc in rows if len(doc) < 8] == []
 
 
