@@ -80,3 +80,26 @@ def embedding_dependence(module, params, tokens_1T, **kwargs):
     return out[0].sum(-1)
   jacobian_TSD = jax.jit(jax.jacfwd(out_T))(zeros, params)["embedded"][:, 0]
   return np.abs(np.asarray(jacobian_TSD)).sum(-1)
+
+
+def prepare_text_tfds(tfds, class_name: str, texts: dict, data_dir) -> None:
+  """Prepares TFDS dataset `class_name` in snake_case (one "text" feature; texts = {split:
+  [text, ...]}) as array_record under `data_dir`, unregistered: as when a prepared dataset
+  is read without its builder code."""
+  def info(self):
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+  def split_generators(self, dl_manager):
+    return {split: self._generate_examples(split) for split in texts}
+
+  def generate_examples(self, split):
+    for i, text in enumerate(texts[split]):
+      yield i, {"text": text}
+
+  with tfds.core.registered.skip_registration():
+    builder = type(class_name, (tfds.core.GeneratorBasedBuilder,), {
+        "VERSION": tfds.core.Version("1.0.0"), "_info": info,
+        "_split_generators": split_generators, "_generate_examples": generate_examples})
+    builder(data_dir=data_dir, file_format="array_record").download_and_prepare(
+        file_format="array_record")

@@ -10,6 +10,7 @@ import pytest
 from llm.config import DataConfig
 from llm import data
 from llm.data import corpus, packing, sources, tokenizer as tokenizer_lib
+from tests.helpers import prepare_text_tfds
 
 SMALL_VOCAB = 600
 SENTINELS = 10
@@ -222,24 +223,7 @@ def test_tfds_prepared_dataset_without_builder_code(tfds, tmp_path):
   """A dataset prepared as array_record reads back, with no TensorFlow, by name."""
   tfds.disable_progress_bar()
   texts = {"train": [f"train text {i} ünï" for i in range(12)], "validation": ["held out"]}
-  with tfds.core.registered.skip_registration():  # builder code unknown when reading
-
-    class TinyTextForTest(tfds.core.GeneratorBasedBuilder):
-      VERSION = tfds.core.Version("1.0.0")
-
-      def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
-
-      def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(split) for split in texts}
-
-      def _generate_examples(self, split):
-        for i, text in enumerate(texts[split]):
-          yield i, {"text": text}
-
-    TinyTextForTest(data_dir=tmp_path, file_format="array_record").download_and_prepare(
-        file_format="array_record")
+  prepare_text_tfds(tfds, "TinyTextForTest", texts, tmp_path)
   cfg = DataConfig(source="tfds:tiny_text_for_test", data_dir=str(tmp_path))
   assert sorted(data.load_documents(cfg, "train")) == sorted(texts["train"])
   assert data.load_documents(cfg, "validation") == texts["validation"]

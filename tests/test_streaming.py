@@ -19,6 +19,7 @@ from llm.data import DataError, corpus, pipeline, sources, streaming, train_batc
 from llm.data import train_tokenizer
 from llm.data.source_mixture import rows as objective_rows
 from tests import test_train
+from tests.helpers import prepare_text_tfds
 
 _LETTERS = random.Random(1)
 WORDS = ["".join(_LETTERS.choice("abcdefghijklmnoprstuvwy") for _ in range(_LETTERS.randint(2, 8)))
@@ -247,24 +248,7 @@ def tfds_dir(tmp_path_factory):
   texts = {"train": [f"{i} " + " ".join(rng.choices(WORDS, k=rng.randint(3, 30)))
                      for i in range(41)], "validation": ["held out", "also held", "out"]}
   directory = tmp_path_factory.mktemp("tfds")
-  with tfds.core.registered.skip_registration():
-
-    class StreamTextForTest(tfds.core.GeneratorBasedBuilder):
-      VERSION = tfds.core.Version("1.0.0")
-
-      def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
-
-      def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(split) for split in texts}
-
-      def _generate_examples(self, split):
-        for i, text in enumerate(texts[split]):
-          yield i, {"text": text}
-
-    StreamTextForTest(data_dir=directory, file_format="array_record").download_and_prepare(
-        file_format="array_record")
+  prepare_text_tfds(tfds, "StreamTextForTest", texts, directory)
   return str(directory), texts
 
 
