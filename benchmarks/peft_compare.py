@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import time
 
 from common import json_stdout, log, setup_logging
@@ -86,7 +87,8 @@ def main():
     rows = {}
     for method in args.methods.split(","):
       cfg = method_config(method, args)
-      tag = "_".join(o.replace("=", "-") for o in args.set)
+      # A regex override (lora_targets) has '/', '|', '$': keep the directory name plain.
+      tag = re.sub(r"[^A-Za-z0-9.=-]+", "_", "_".join(args.set)).replace("=", "-")
       workdir = os.path.join(args.out, f"{args.task}_{method}{'_' + tag if tag else ''}")
       start = time.perf_counter()
       last = train.run(cfg, workdir, progress=False)
