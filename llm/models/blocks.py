@@ -170,7 +170,8 @@ def embed_inputs(cfg: ModelConfig, embed: Embed, tokens_BT, positions_BT, *,
   return x_BTD
 
 
-def input_shape(tokens_BT, inputs_embeds_BTD, name: str = "inputs_embeds_BTD") -> tuple[int, int]:
+def input_shape(tokens_BT, inputs_embeds_BTD,
+                name: str = "inputs_embeds_BTD") -> tuple[int, int]:
   """(B, T) of a model's input: token ids or, instead, input embeddings (exactly one;
   `name` is the embeddings' argument, for the error)."""
   if (tokens_BT is None) == (inputs_embeds_BTD is None):

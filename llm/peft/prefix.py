@@ -27,8 +27,8 @@ first n, where `with_virtual_tokens` and `model_prefix` put them; the encoder
 self-attention uses the same rule. The decoder's self-attention gets no prefix (Li &
 Liang give BART's decoder one too): every decoder layer already reads n trainable
 key/value pairs through its cross-attention, and a self-attention prefix would need
-virtual tokens in the decoder input as well, i.e. a longer decoder cache and a start
-other than `start_id` in every decoding path.
+virtual tokens before the decoder's input too, so in every training batch, in the
+decoder's cache and before `start_id` in every decoding path.
 
 Encoder-only families are refused (llm/config.py): their heads read the virtual
 positions' outputs (the pooled [CLS] head reads position 0), which depend on the real
