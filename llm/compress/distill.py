@@ -119,6 +119,9 @@ class Distillation(Objective):
     _, teacher, _ = init_from.pretrained(cfg.compress.teacher)
     return {**params, TEACHER: init_from.overlay(params[TEACHER], teacher)}
 
+  def model_params(self, params):
+    return {k: v for k, v in params.items() if k != TEACHER}
+
   def loss(self, module, trainable, frozen, batch, rng):
     params = merge_params(trainable, frozen)
     (student, teacher), aux = apply_batch(module, params, batch, rng, with_teacher=True)
