@@ -35,8 +35,7 @@ def main(argv):
                       "trains objective 'distill'")
   cfg = distill.student_config(cfg)
   last = train.run(cfg, _WORKDIR.value)
-  cfg, params, tokenizer = train.load(_WORKDIR.value)
-  student = {k: v for k, v in params.items() if k != distill.TEACHER}
+  cfg, student, tokenizer = train.load(_WORKDIR.value)  # without the teacher
   teacher_cfg, teacher, _ = train.load(cfg.compress.teacher)
   print(json.dumps({
       "step": last.get("step"), "alpha": cfg.compress.distill_alpha,

@@ -367,9 +367,10 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     re.compile(p.lora_targets)
   except re.error as e:
     raise ConfigError(f"config.model.peft.lora_targets={p.lora_targets!r}: not a regex ({e})")
-  _require(p.method != "prefix" or m.family == "decoder",
-           f"config.model.peft.method='prefix' needs model.family='decoder' (got {m.family!r}); "
-           "use method=prompt, lora or adapter for encoders and encoder-decoders")
+  _require(p.method != "prefix" or m.family != "encoder",  # heads read virtual positions
+           "config.model.peft.method='prefix' needs model.family='decoder' or "
+           "'encoder_decoder' (got 'encoder': its heads read the virtual tokens' outputs); "
+           "use method=prompt, lora or adapter for encoders")
   return m
 
 

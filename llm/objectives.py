@@ -108,6 +108,11 @@ class Objective:
     overlaid on a fresh init, plus what the objective brings (a distillation teacher)."""
     return params
 
+  def model_params(self, params: dict) -> dict:
+    """What `llm.models.build(cfg.model)` runs on, of the train state's params (trainable
+    and frozen): all of them, less what only training needs (a distillation teacher)."""
+    return params
+
   def loss(self, module, trainable, frozen, batch: Batch, rng) -> tuple[dict, dict]:
     params = merge_params(trainable, frozen)
     logits_BTV, aux = apply_batch(module, params, batch, rng, **self.model_kwargs(batch))

@@ -133,3 +133,5 @@ def test_distilling_a_model_into_itself_costs_nothing():
   assert float(sums["loss_sum"]) == pytest.approx(0.0, abs=1e-4)
   assert float(sums["hard_loss_sum"]) > 0  # the labels alone would still teach something
   assert "^(?!teacher/)" in objective.trainable(config_lib.from_configdict({}))
+  # What a loaded workdir runs on (`train.load`): the student alone, not the teacher.
+  assert set(objective.model_params({**student, distill.TEACHER: student})) == set(student)

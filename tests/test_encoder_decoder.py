@@ -77,6 +77,17 @@ def test_decoder_is_causal_and_sees_the_whole_encoder_input(name):
   assert np.abs(changed_encoder_end[0, 0] - base[0, 0]).max() > 1e-4  # bidirectional input
 
 
+def test_encoder_input_embeddings_replace_the_token_lookup():
+  _, params, apply = _model("bart")  # learned positions and the embedding norm come after
+  encoder_in, decoder_in = jnp.array([[5, 6, 7, 8, 9, 1]]), jnp.array([[0, 3, 4, 5, 6, 7, 8]])
+  embeds = jnp.take(params["embed"]["embedding"], encoder_in, axis=0)  # no scaling
+  np.testing.assert_allclose(
+      apply({"params": params}, None, decoder_in, encoder_inputs_embeds_BSD=embeds),
+      apply({"params": params}, encoder_in, decoder_in), atol=1e-5)  # f32 fusion order
+  with pytest.raises(ValueError, match="either tokens or encoder_inputs_embeds_BSD"):
+    apply({"params": params}, encoder_in, decoder_in, encoder_inputs_embeds_BSD=embeds)
+
+
 def test_encoder_padding_is_invisible():
   _, params, apply = _model("t5")
   decoder_in = np.array([[0, 3, 4, 5, 6, 7, 8]])

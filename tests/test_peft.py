@@ -3,20 +3,24 @@ train only their own params; prompt tuning prepends exactly n positions; adapter
 saved alone and refuse another base; bad input fails with a named one-line error."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from llm import config as config_lib, models, peft
+from llm import config as config_lib, models, objectives, peft
 from llm.config import ConfigError
 from llm.inference import decode
+from llm.inference.generate import prompt_inputs
 from llm.peft import prompt as prompt_lib
 from llm.train import loop
+from llm.train.state import init_state
 from llm.train.step import train_step
 
-from helpers import random_batch
+from helpers import random_batch, random_params
 
 DECODER = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,
                max_len=32, positions="rope", norm="rmsnorm", activation="swiglu",
@@ -163,6 +167,106 @@ def test_prefix_tuning_replaces_keys_and_values_at_the_virtual_tokens(prefix_mod
   step, _ = jax.jit(lambda p, s, t: decode.decode_step(dec_module, p, s, t))(
       dec_params, state, inputs[:, split_at:])
   np.testing.assert_allclose(step, out[:, split_at:], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def t5_prefix():
+  """A prefix-tuned T5 (params at 10x the init's scale: greedy outputs vary), the "vocab"
+  init of its prefix, and a batch: row 0 the virtual tokens and 8 real encoder tokens,
+  row 1 the virtual tokens and padding. No real token is a stand-in."""
+  n = 3
+  cfg = config_lib.model_from_dict({**T5, "scan_layers": False,  # compiles faster
+                                    "peft": {"method": "prefix", "prompt_length": n}})
+  module = models.build(cfg)
+  stand_in = peft.prefix.stand_in_ids(n, cfg.vocab_size)
+  batch = random_batch(batch=2, seq_len=8, vocab=cfg.vocab_size)
+  free = min(set(range(5, cfg.vocab_size)) - set(stand_in.tolist()))
+  for key in ("inputs", "targets"):
+    batch[key] = np.where(np.isin(batch[key], stand_in), free, batch[key]).astype(np.int32)
+  encoder_in = batch["targets"][:, ::-1] * np.array([[1], [0]], np.int32)
+  batch = prompt_lib.prepend_virtual_tokens({**batch, "encoder_inputs": encoder_in}, n, cfg)
+  batch["encoder_segment_ids"] = (batch["encoder_inputs"] != 0).astype(np.int32)
+  params = random_params(module, batch["encoder_inputs"], batch["inputs"], std=0.2)
+  return module, peft.prefix.init_from_base(module, params, seed=0), batch
+
+
+def test_prefix_tuning_an_encoder_decoder_blocks_every_path_from_the_virtual_tokens(t5_prefix):
+  module, params, batch = t5_prefix
+  cfg, n = module.cfg, module.cfg.peft.prompt_length
+  prefix, frozen = peft.split(params, peft.trainable_pattern(cfg.peft))
+  # Encoder self-attention and cross-attention; the decoder's self-attention keeps its own.
+  assert sorted(peft.paths(prefix)) == [
+      f"{stack}/layers_{i}/{attn}/{kv}/prefix" for stack, attn in (("decoder", "cross"),
+                                                                    ("encoder", "attn"))
+      for i in range(cfg.num_layers) for kv in ("key", "value")]
+  forward = jax.jit(lambda p, b: models.apply_batch(module, p, b)[0])
+  base = models.build(dataclasses.replace(cfg, peft=config_lib.PeftConfig()))
+  base_forward = jax.jit(lambda p, b: models.apply_batch(base, p, b)[0])
+  stand_in = peft.prefix.stand_in_ids(n, cfg.vocab_size)
+  real = dict(batch, encoder_inputs=np.concatenate(
+      [np.tile(stand_in, (2, 1)), batch["encoder_inputs"][:, n:]], 1))
+  # The "vocab" init holds the base's keys and values of the stand-ins encoded alone:
+  # beside padding only (row 1) the model is the base reading the stand-ins. Beside real
+  # tokens (row 0) it is not: there the base's stand-ins attend to those tokens.
+  start, base_out = np.asarray(forward(params, batch)), np.asarray(base_forward(frozen, real))
+  np.testing.assert_allclose(start[1], base_out[1], atol=1e-5)
+  assert np.abs(start[0] - base_out[0]).max() > 1e-3
+  # What the model computes at the virtual positions (from the stand-ins' embeddings)
+  # reaches no real token, in the encoder nor through the cross-attention; the base
+  # reads it.
+  rng = np.random.default_rng(1)
+  moved = peft.merge(jax.tree_util.tree_map(
+      lambda x: x + 0.2 * rng.standard_normal(x.shape).astype(x.dtype), prefix), frozen)
+  out = np.asarray(forward(moved, batch))
+  assert np.abs(out - start).max() > 1e-2
+  table = np.array(frozen["embed"]["embedding"])
+  table[stand_in] += 1.0
+  other = lambda tree: {**tree, "embed": {"embedding": table}}
+  np.testing.assert_allclose(forward(other(moved), batch), out, atol=1e-6)
+  assert np.abs(base_forward(other(frozen), real) - base_out).max() > 1e-2
+  # Generation (encode once, fill the cross cache on the first decode call, then greedy
+  # steps) reads the prefix as the cross keys and values of every row, whatever its
+  # real tokens, and gives the full forward's argmax and logits.
+  dec_module, dec_params = decode.for_decoding(module, moved)
+  prompts = [row.tolist() for row in batch["encoder_inputs"]]
+  prompts[1] = prompts[1][:n]
+  inputs, _ = prompt_inputs(cfg, prompts, max_new_tokens=3)
+  state = jax.jit(functools.partial(decode.prefill, dec_module, cache_len=4))(
+      dec_params, **inputs)
+  for i in range(cfg.num_layers):
+    cached = state.cache["decoder"][f"layers_{i}"]["cross"]
+    for name, kv in (("key", "cross_key"), ("value", "cross_value")):
+      want = moved["decoder"][f"layers_{i}"]["cross"][name]["prefix"]
+      np.testing.assert_allclose(cached[kv][:, :n], np.stack([want] * 2), atol=1e-6)
+  step = jax.jit(lambda p, s, t: decode.decode_step(dec_module, p, s, t))
+  greedy, logits = [], []
+  for _ in range(3):
+    logits.append(np.asarray(state.logits_BV))
+    greedy.append(np.argmax(logits[-1], -1).astype(np.int32))
+    _, state = step(dec_params, state, greedy[-1][:, None])
+  decoded = np.zeros_like(batch["inputs"])
+  decoded[:, 1:4] = np.stack(greedy, 1)
+  full = np.asarray(forward(moved, dict(batch, inputs=decoded)))
+  np.testing.assert_array_equal(full[:, :3].argmax(-1), np.stack(greedy, 1))
+  np.testing.assert_allclose(full[:, :3], np.stack(logits, 1), atol=1e-4)
+
+
+def test_training_an_encoder_decoder_prefix_moves_every_layer_of_it_and_nothing_else(t5_prefix):
+  module, params, batch = t5_prefix
+  pattern = peft.trainable_pattern(module.cfg.peft)
+  loss = functools.partial(objectives.get("span").loss, module)
+  state = init_state(module, loss, optax.sgd(1.0), batch, 0, pattern, params=params)
+  trainable0, frozen0 = jax.device_get(state.params), jax.device_get(state.frozen)
+  state, metrics = jax.jit(train_step)(state, batch)
+  assert np.isfinite(float(metrics["train_loss"]))
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(state.frozen)),
+                  jax.tree_util.tree_leaves(frozen0)):
+    np.testing.assert_array_equal(a, b)  # bitwise unchanged
+  # Every layer's prefix (one leaf each), encoder self-attention and cross-attention,
+  # got a gradient.
+  for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(state.params)),
+                  jax.tree_util.tree_leaves(trainable0)):
+    assert np.abs(a - b).max() > 0
 
 
 def _run_config(method: str, **train):

@@ -80,9 +80,12 @@ def check_student(student: ModelConfig, teacher: ModelConfig) -> None:
 
 
 def student_config(cfg):
-  """The run's config with the teacher's tokenizer and vocabulary checked."""
+  """The run's config with the teacher's tokenizer and vocabulary checked (against the
+  student as it will train: train.init_from's model when one is given)."""
+  from llm.train import init_from
   teacher = teacher_model(cfg.compress.teacher)
-  check_student(cfg.model, teacher)
+  check_student(init_from.pretrained(cfg.train.init_from)[0] if cfg.train.init_from
+                else cfg.model, teacher)
   data = cfg.data
   tokenizer = os.path.join(cfg.compress.teacher, TOKENIZER_FILE)
   if data.tokenizer_path and os.path.abspath(data.tokenizer_path) != os.path.abspath(tokenizer):
@@ -118,6 +121,9 @@ class Distillation(Objective):
       params = jax.device_get(jax.jit(lambda: init_params(module, example, cfg.train.seed))())
     _, teacher, _ = init_from.pretrained(cfg.compress.teacher)
     return {**params, TEACHER: init_from.overlay(params[TEACHER], teacher)}
+
+  def model_params(self, params):
+    return {k: v for k, v in params.items() if k != TEACHER}
 
   def loss(self, module, trainable, frozen, batch, rng):
     params = merge_params(trainable, frozen)

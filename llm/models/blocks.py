@@ -170,10 +170,12 @@ def embed_inputs(cfg: ModelConfig, embed: Embed, tokens_BT, positions_BT, *,
   return x_BTD
 
 
-def input_shape(tokens_BT, inputs_embeds_BTD) -> tuple[int, int]:
-  """(B, T) of a model's input: token ids or, instead, input embeddings (exactly one)."""
+def input_shape(tokens_BT, inputs_embeds_BTD,
+                name: str = "inputs_embeds_BTD") -> tuple[int, int]:
+  """(B, T) of a model's input: token ids or, instead, input embeddings (exactly one;
+  `name` is the embeddings' argument, for the error)."""
   if (tokens_BT is None) == (inputs_embeds_BTD is None):
-    raise ValueError("pass either tokens or inputs_embeds_BTD (input embeddings), not both "
+    raise ValueError(f"pass either tokens or {name} (input embeddings), not both "
                      "or neither")
   return (tokens_BT if inputs_embeds_BTD is None else inputs_embeds_BTD).shape[:2]
 

@@ -19,7 +19,7 @@ from llm.layers.linear import Linear, logical_init
 from llm.layers.mlp import MLP
 from llm.layers.moe import MoE
 from llm.models.blocks import (Block, Embed, block_stack, check_length, default_positions,
-                               embed_inputs, make_norm, residual)
+                               embed_inputs, input_shape, make_norm, residual)
 
 
 class EncDecBlock(nn.Module):
@@ -52,7 +52,8 @@ class EncDecBlock(nn.Module):
 
 
 class Stack(nn.Module):
-  """Embeds tokens (shared table), runs the blocks, applies the final norm."""
+  """Embeds tokens (shared table; or takes `inputs_embeds_BTD` instead), runs the blocks,
+  applies the final norm."""
 
   cfg: ModelConfig
   embed: Embed
@@ -60,10 +61,13 @@ class Stack(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT, segment_ids_BT, encoded_BSD=None,
-               cross_mask_BTS=None, decode: bool = False, deterministic: bool = True):
+               cross_mask_BTS=None, decode: bool = False, deterministic: bool = True,
+               inputs_embeds_BTD=None):
     cfg = self.cfg
-    check_length(cfg, tokens_BT.shape[1], "decoder input" if self.is_decoder else "encoder input")
+    check_length(cfg, positions_BT.shape[1],
+                 "decoder input" if self.is_decoder else "encoder input")
     x_BTD = embed_inputs(cfg, self.embed, tokens_BT, positions_BT,
+                         inputs_embeds_BTD=inputs_embeds_BTD,
                          position_offset=cfg.position_offset)
     x_BTD = nn.Dropout(cfg.dropout)(x_BTD, deterministic=deterministic)
     rel_table_KN = None
@@ -89,6 +93,8 @@ class EncoderDecoder(nn.Module):
   """(encoder tokens (B, S), decoder tokens (B, T)) -> logits (B, T, V) in float32.
 
   `encode` and `decode` are separate methods so generation runs the encoder once.
+  `encoder_inputs_embeds_BSD` (B, S, D) replaces the encoder's token lookup (pass
+  encoder_tokens_BS=None; its segment ids then default to all ones).
   """
 
   cfg: ModelConfig
@@ -105,16 +111,23 @@ class EncoderDecoder(nn.Module):
 
   def __call__(self, encoder_tokens_BS, decoder_tokens_BT, encoder_segment_ids_BS=None,
                decoder_positions_BT=None, decoder_segment_ids_BT=None, decode: bool = False,
-               deterministic: bool = True):
+               deterministic: bool = True, encoder_inputs_embeds_BSD=None):
+    shape_BS = input_shape(encoder_tokens_BS, encoder_inputs_embeds_BSD,
+                           "encoder_inputs_embeds_BSD")
     if encoder_segment_ids_BS is None:
-      encoder_segment_ids_BS = (encoder_tokens_BS != 0).astype(jnp.int32)
-    encoded_BSD = self.encode(encoder_tokens_BS, encoder_segment_ids_BS, deterministic)
+      encoder_segment_ids_BS = (jnp.ones(shape_BS, jnp.int32) if encoder_tokens_BS is None
+                                else (encoder_tokens_BS != 0).astype(jnp.int32))
+    encoded_BSD = self.encode(encoder_tokens_BS, encoder_segment_ids_BS, deterministic,
+                              encoder_inputs_embeds_BSD)
     return self.decode(decoder_tokens_BT, encoded_BSD, encoder_segment_ids_BS,
                        decoder_positions_BT, decoder_segment_ids_BT, decode, deterministic)
 
-  def encode(self, tokens_BS, segment_ids_BS, deterministic: bool = True):
+  def encode(self, tokens_BS, segment_ids_BS, deterministic: bool = True,
+             inputs_embeds_BSD=None):
+    """The encoder output (B, S, D) of tokens_BS, or of `inputs_embeds_BSD` (tokens None)."""
+    input_shape(tokens_BS, inputs_embeds_BSD, "inputs_embeds_BSD")
     return self.encoder(tokens_BS, default_positions(segment_ids_BS), segment_ids_BS,
-                        deterministic=deterministic)
+                        deterministic=deterministic, inputs_embeds_BTD=inputs_embeds_BSD)
 
   def decode(self, tokens_BT, encoded_BSD, encoder_segment_ids_BS, positions_BT=None,
              segment_ids_BT=None, decode: bool = False, deterministic: bool = True):

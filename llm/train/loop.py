@@ -266,8 +266,9 @@ def _progress_bar(start: int, total: int, enabled: bool):
 def load(workdir: str):
   """(Config, params, Tokenizer) of the latest checkpoint in `workdir`, on one device.
 
-  params is the whole tree (trainable and frozen): for an adapted model (LoRA, prompt,
-  adapter) it runs on `llm.models.build(cfg.model)`, which applies the adaptation.
+  params is the model's whole tree (trainable and frozen): for an adapted model (LoRA,
+  prompt, adapter) it runs on `llm.models.build(cfg.model)`, which applies the adaptation.
+  What only training needed (a distillation's teacher) is left out.
   """
   cfg = ckpt.read_config(workdir)
   mesh = parallel.make_mesh(parallel.ParallelConfig(data=1), jax.devices()[:1])
@@ -281,7 +282,8 @@ def load(workdir: str):
   items, _, _ = ckpt.restore_latest(mgr, abstract)
   mgr.close()
   tokenizer = data_lib.get_tokenizer(cfg.data, cfg.model.vocab_size, workdir)
-  return cfg, peft.merge(items["params"], items["frozen"]), tokenizer
+  params = peft.merge(items["params"], items["frozen"])
+  return cfg, objectives.get(cfg.data.objective).model_params(params), tokenizer
 
 
 def sample_prompts(cfg: Config) -> list[str]:
