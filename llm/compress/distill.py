@@ -80,12 +80,12 @@ def check_student(student: ModelConfig, teacher: ModelConfig) -> None:
 
 
 def student_config(cfg):
-  """The run's config with the teacher's tokenizer and vocabulary checked (against the
-  student as it will train: train.init_from's model when one is given)."""
-  from llm.train import init_from
+  """The run's config with the teacher's tokenizer and vocabulary checked. A student
+  from train.init_from is checked by the run once it has that model's architecture
+  (`Distillation.configured`); the config's model fields do not describe it."""
   teacher = teacher_model(cfg.compress.teacher)
-  check_student(init_from.pretrained(cfg.train.init_from)[0] if cfg.train.init_from
-                else cfg.model, teacher)
+  if not cfg.train.init_from:
+    check_student(cfg.model, teacher)
   data = cfg.data
   tokenizer = os.path.join(cfg.compress.teacher, TOKENIZER_FILE)
   if data.tokenizer_path and os.path.abspath(data.tokenizer_path) != os.path.abspath(tokenizer):
