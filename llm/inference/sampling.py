@@ -79,6 +79,12 @@ def suppress(logits_BV: jax.Array, ids: Sequence[int]) -> jax.Array:
   return logits_BV.at[:, jnp.asarray(ids, jnp.int32)].set(_NEG_INF)
 
 
+def greedy_tokens(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """The argmax of each row (suppressed ids never win)."""
+  best_B = jnp.argmax(suppress(logits_BV.astype(jnp.float32), cfg.suppress_ids), axis=-1)
+  return best_B.astype(jnp.int32)
+
+
 def sampling_logits(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """Logits of the distribution `sample` draws from (suppressed, tempered, filtered);
   greedy: a point mass on the argmax (so speculative decoding treats both alike)."""
@@ -101,8 +107,8 @@ def sample(rng: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig):
   """(token_B, logprob_B): next tokens from last-position logits (B, V) and their
   log-probabilities under the model (`token_logprobs`)."""
   if cfg.greedy:
-    token_B = jnp.argmax(suppress(logits_BV.astype(jnp.float32), cfg.suppress_ids), axis=-1)
+    token_B = greedy_tokens(logits_BV, cfg)
   else:
     token_B = jax.random.categorical(rng, sampling_logits(logits_BV, cfg), axis=-1)
-  token_B = token_B.astype(jnp.int32)
+    token_B = token_B.astype(jnp.int32)
   return token_B, token_logprobs(logits_BV, token_B)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from llm.config import ConfigError
 from llm.inference.decode import decode_step, for_decoding, prefill, truncate_rows
 from llm.inference.generate import Generation, prompt_inputs, to_generation
-from llm.inference.sampling import (SamplingConfig, sample, sampling_logits, suppress,
+from llm.inference.sampling import (SamplingConfig, greedy_tokens, sample, sampling_logits,
                                     token_logprobs)
 
 
@@ -48,10 +48,6 @@ def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:
                       "draft with --config.data.tokenizer_path set to the target's tokenizer")
 
 
-def _greedy_token(logits_BV, sampling):
-  return jnp.argmax(suppress(logits_BV, sampling.suppress_ids), axis=-1).astype(jnp.int32)
-
-
 def _draft(draft, draft_params, state, first_BK, first_len_B, rng, sampling, gamma):
   """gamma draft tokens (B, gamma) and the draft's distributions they came from (greedy:
   None; the tokens are argmaxes, no random draws or vocabulary-wide softmax needed)."""
@@ -59,7 +55,7 @@ def _draft(draft, draft_params, state, first_BK, first_len_B, rng, sampling, gam
 
   def propose(state, rng):
     if sampling.greedy:
-      return _greedy_token(state.logits_BV, sampling), None
+      return greedy_tokens(state.logits_BV, sampling), None
     logits_BV = sampling_logits(state.logits_BV, sampling)
     x_B = jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
     return x_B, jax.nn.softmax(logits_BV, axis=-1)
@@ -84,7 +80,7 @@ def _draft(draft, draft_params, state, first_BK, first_len_B, rng, sampling, gam
 def _verify_greedy(target_logits_BKV, x_BG, sampling):
   """Greedy acceptance: draft tokens survive while they equal the target's argmax."""
   b, k, v = target_logits_BKV.shape
-  best_BK = _greedy_token(target_logits_BKV.reshape(b * k, v), sampling).reshape(b, k)
+  best_BK = greedy_tokens(target_logits_BKV.reshape(b * k, v), sampling).reshape(b, k)
   kept_B = jnp.sum(jnp.cumprod(best_BK[:, :-1] == x_BG, axis=1), axis=1)
   return kept_B, jnp.take_along_axis(best_BK, kept_B[:, None], axis=1)[:, 0]
 
