@@ -155,7 +155,8 @@ def main():
         "read_bandwidth_bytes_per_s_by_method": {k: nbytes / med[f"bw_{k}"] for k in ways},
         **sizes, "bytes_per_token": per_token,
         "bound_tokens_per_s": statistics.median(bound_r),
-        "fraction_of_bound": statistics.median(fraction_r), "fraction_of_bound_by_round": fraction_r,
+        "fraction_of_bound": statistics.median(fraction_r),
+        "fraction_of_bound_by_round": fraction_r,
         "steady_state_fraction_of_bound": statistics.median(
             [s / b for s, b in zip(steady_r, bound_r)]),
         "peer_fraction_of_bound": statistics.median(

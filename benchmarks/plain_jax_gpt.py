@@ -42,7 +42,8 @@ def loss_fn(module, params, tokens_BT):
 
 
 def make(model: dict, tokens_BT):
-  """(params, opt_state, tx, jitted step (params, opt_state, tokens) -> (params, opt_state, loss))."""
+  """(module, params, opt_state, tx, jitted step): the step maps (params, opt_state,
+  tokens) to (params, opt_state, loss)."""
   module = GPT(model)
   params = module.init(jax.random.PRNGKey(0), tokens_BT[:, :-1])["params"]
   tx = optax.chain(optax.clip_by_global_norm(1.0),

@@ -7,8 +7,9 @@ the tiny GPT on a (2, 2, 2, 1) mesh spanning every process's devices, each proce
 feeding only its own rows of the global batch; checkpoints after 2 steps through orbax
 from every process, restores that checkpoint and trains 2 more steps; then (two processes)
 process 1 sends itself SIGTERM and both train until the preemption sync point says stop;
-prints the losses and that step as JSON. With --then_die process 1 then kills itself and process 0 tries one more step,
-which must end the process with a one-line error instead of waiting for the dead peer.
+prints the losses and that step as JSON. With --then_die process 1 then kills itself and
+process 0 tries one more step, which must end the process with a one-line error instead
+of waiting for the dead peer.
 """
 
 import json

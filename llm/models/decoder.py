@@ -19,8 +19,9 @@ class Decoder(nn.Module):
   `segment_ids` (0 = padding) keep packed documents apart; `positions` default to the
   count of real tokens before each one. `prefix_BT` (prefix LM) marks tokens that
   attend bidirectionally within their segment's prefix. `inputs_embeds_BTD` (B, T, D)
-  replaces the token lookup (pass tokens_BT=None); positions and the rest are as for tokens. With `decode=True` the call
-  appends to the KV cache (see `llm.inference`), so `positions` must then be given.
+  replaces the token lookup (pass tokens_BT=None); positions and the rest are as for
+  tokens. With `decode=True` the call appends to the KV cache (see `llm.inference`), so
+  `positions` must then be given.
   `output`: "logits"; "hidden", the final hidden states (B, T, D) without the LM head
   (a reward model's backbone); "both", (logits, hidden) (a policy with a value head).
   """

@@ -13,4 +13,5 @@ from llm.peft.module import Adapted, needs_interception
 from llm.peft.partition import DEFAULT_TRAINABLE, count, merge, paths, split, trainable_pattern
 
 __all__ = ["Adapted", "DEFAULT_TRAINABLE", "count", "load_adapter", "lora", "merge",
-           "needs_interception", "paths", "prefix", "prompt", "save_adapter", "split", "trainable_pattern"]
+           "needs_interception", "paths", "prefix", "prompt", "save_adapter", "split",
+           "trainable_pattern"]
