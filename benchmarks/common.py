@@ -74,6 +74,18 @@ def time_calls(fn: Callable[[], object], calls: int) -> float:
   return time.perf_counter() - start
 
 
+def interleaved(calls: dict, repeats: int) -> dict:
+  """{name: [seconds per call]}: each call once first (compile, warm-up), then once per
+  round for `repeats` rounds, so a change in a shared host's load hits every side alike."""
+  for fn in calls.values():
+    fn()
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, fn in calls.items():
+      times[name].append(time_calls(fn, 1))
+  return times
+
+
 def best_and_median(times: list[float]) -> dict:
   return {"best_s": min(times), "median_s": statistics.median(times), "runs": len(times)}
 

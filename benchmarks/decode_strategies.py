@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from common import best_and_median, json_stdout, log, setup_logging, time_calls
+from common import best_and_median, interleaved, json_stdout, log, setup_logging, time_calls
 
 import jax
 import jax.numpy as jnp
@@ -58,17 +58,6 @@ def parse_args():
   p.add_argument("--requests", type=int, default=8)
   p.add_argument("--repeats", type=int, default=5)
   return p.parse_args()
-
-
-def interleaved(calls: dict, repeats: int) -> dict:
-  """{name: seconds per call} timings, one call of each contender per round."""
-  for fn in calls.values():
-    fn()  # compile
-  times = {name: [] for name in calls}
-  for _ in range(repeats):
-    for name, fn in calls.items():
-      times[name].append(time_calls(fn, 1))
-  return times
 
 
 def forward_ms(module, params, prompt, k: int, cache_len: int, steps: int = 32,

@@ -19,8 +19,8 @@ import argparse
 import os
 import statistics
 
-from common import (cores, hf_gpt2, json_stdout, median_iqr, peer_thread_counts, setup_logging,
-                    time_calls, with_threads)
+from common import (cores, hf_gpt2, interleaved, json_stdout, median_iqr, peer_thread_counts,
+                    setup_logging, with_threads)
 
 import jax
 import jax.numpy as jnp
@@ -83,18 +83,6 @@ def bandwidth_ways(megabytes: int) -> dict:
           "numpy_sum": lambda: x_np.sum(), "torch_sum": lambda: x_t.sum()}, n * 4
 
 
-def interleaved_rounds(calls: dict, repeats: int) -> dict:
-  """{name: [seconds]}: every call once per round, `repeats` rounds, so a change in the
-  machine's load (a shared host) hits all sides alike; compile/warm-up first."""
-  for fn in calls.values():
-    fn()
-  times = {name: [] for name in calls}
-  for _ in range(repeats):
-    for name, fn in calls.items():
-      times[name].append(time_calls(fn, 1))
-  return times
-
-
 def bytes_per_token(cfg, params, prompt_len: int, new_tokens: int) -> dict:
   """Weights every generated token must read, plus the mean KV cache it attends to.
 
@@ -125,7 +113,7 @@ def main():
     peers = {f"peer_threads_{t}": with_threads(peer_call, t)
              for t in peer_thread_counts(args.peer_threads)}
     ways, nbytes = bandwidth_ways(args.bandwidth_mb)
-    times = interleaved_rounds({"ours": our_call, "ours_1_token": lambda: our_call(1),
+    times = interleaved({"ours": our_call, "ours_1_token": lambda: our_call(1),
                                 **peers, **{f"bw_{k}": fn for k, fn in ways.items()}},
                                args.repeats)
     torch.set_num_threads(cores())

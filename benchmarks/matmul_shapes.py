@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from common import MODEL, cores, json_stdout, setup_logging, time_calls
+from common import MODEL, cores, interleaved, json_stdout, setup_logging
 
 import jax
 import jax.numpy as jnp
@@ -51,13 +51,8 @@ def main():
       b_np = np.random.default_rng(1).standard_normal((k, n), dtype=np.float32)
       a, b = jnp.asarray(a_np), jnp.asarray(b_np)
       a_t, b_t = torch.from_numpy(a_np), torch.from_numpy(b_np)
-      calls = {"jax": lambda: matmul(a, b).block_until_ready(), "torch": lambda: a_t @ b_t}
-      times = {side: [] for side in calls}
-      for fn in calls.values():
-        fn()  # compile / warm up
-      for _ in range(args.repeats):
-        for side, fn in calls.items():
-          times[side].append(time_calls(fn, 1))
+      times = interleaved({"jax": lambda: matmul(a, b).block_until_ready(),
+                           "torch": lambda: a_t @ b_t}, args.repeats)
       flops = 2 * m * k * n
       rates[name] = {"mkn": [m, k, n],
                      **{f"{side}_gflops": flops / statistics.median(ts) / 1e9
