@@ -42,7 +42,7 @@ class PeftConfig:
   lora_rank: int = 8  # rank r of the LoRA update x A B (A: d x r, B: r x d)
   lora_alpha: float = 16.0  # the update is (alpha / rank) * x A B
   lora_dropout: float = 0.0  # dropout on the LoRA branch's input, in [0, 1)
-  # Regex over module paths of the layers LoRA adapts (every Linear, experts, tied embedding).
+  # Regex over module paths of the layers LoRA adapts (every Linear, experts, embedding tables).
   lora_targets: str = r"/(query|key|value|out|wi|wi_gate|wi_up|wo)$"
   # Virtual tokens prepended to the input (prompt: soft embeddings; prefix: per-layer K/V).
   prompt_length: int = 16

@@ -8,12 +8,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import optax
 import pytest
 
 from llm import config as config_lib, models, objectives, peft
 from llm.config import ConfigError
 from llm.inference import decode
+from llm.models.blocks import Embed
 from llm.inference.generate import prompt_inputs
 from llm.peft import prompt as prompt_lib
 from llm.train import loop
@@ -38,7 +40,7 @@ def _init(model: dict, **peft_cfg):
   params = jax.jit(lambda: jax.tree_util.tree_map(
       lambda x: x, module.init(jax.random.PRNGKey(0),
                                *models.batch_inputs(cfg, batch, init=True))["params"]))()
-  return module, jax.device_get(__import__("flax").linen.unbox(params)), batch
+  return module, jax.device_get(nn.unbox(params)), batch
 
 
 def _batch(cfg):
@@ -75,10 +77,14 @@ def test_lora_starts_at_the_base_model_merges_and_unmerges_exactly(model):
   adapted = peft.merge(moved, frozen)
   out = _logits(module, adapted, batch)
   assert np.abs(out - _logits(base, frozen, batch)).max() > 1e-2  # LoRA now changes logits
-  if module.cfg.tie_embeddings:
-    with pytest.raises(ConfigError, match="tied output embedding cannot be merged"):
-      peft.lora.merge(adapted, module.cfg.peft)
-    return
+  # One pair per table, shared by its lookup and (tied) head; untied tables are only looked
+  # up, so their pair exists only because the lookup is adapted.
+  cfg = module.cfg
+  assert lora["embed"]["lora_a"].shape == (cfg.d_model, 4)
+  assert lora["embed"]["lora_b"].shape == (4, cfg.vocab_size)
+  assert ("pos_embed/lora_b" in " ".join(lora_paths)) == (cfg.positions == "learned")
+  _check_embed_lora(adapted["embed"], cfg.peft)
+  # Exact for tied tables too: only if the lookup sees the same E + dE as the head.
   merged = peft.lora.merge(adapted, module.cfg.peft)
   assert not any("lora" in p for p in peft.paths(merged))
   # f32 reassociation of x (W + dW) vs x W + x dW: relative to the logits' scale.
@@ -86,6 +92,22 @@ def test_lora_starts_at_the_base_model_merges_and_unmerges_exactly(model):
   restored = peft.lora.unmerge(merged, moved, module.cfg.peft)
   for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(adapted)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _check_embed_lora(embed_params, peft_cfg):
+  """A lone Embed under the interceptor: its rows and its head are those of the table
+  E + (alpha/r) (A B)^T."""
+  table, a, b = (np.asarray(embed_params[k]) for k in ("embedding", "lora_a", "lora_b"))
+  adapted = table + peft_cfg.lora_alpha / peft_cfg.lora_rank * (a @ b).T
+  embed = Embed(*table.shape)
+  ids = np.array([[3, 1, 3, 0], [2, 5, 7, 1]])
+  x = np.random.default_rng(2).standard_normal((2, 3, table.shape[1])).astype(np.float32)
+  with nn.intercept_methods(peft.lora.interceptor(peft_cfg)):
+    rows = embed.apply({"params": embed_params}, ids)
+    logits = embed.apply({"params": embed_params}, x, attend=True)
+  assert np.abs(adapted[ids] - table[ids]).max() > 1e-2  # the update is not negligible
+  np.testing.assert_allclose(rows, adapted[ids], atol=1e-5)
+  np.testing.assert_allclose(logits, x @ adapted.T, atol=1e-4)
 
 
 def test_adapters_start_at_the_base_model_in_every_sublayer():

@@ -1,10 +1,15 @@
 """LoRA (Hu et al. 2021): y = x W + (alpha / r) x A B, with B zero at init.
 
-The models are untouched: `interceptor` wraps every call of the three modules that hold
-a projection kernel (`Linear`, the experts' `ExpertLinear`, the tied output embedding's
-`Embed(x, attend=True)`) whose module path matches `peft.lora_targets`, and creates `lora_a` /
-`lora_b` beside that module's kernel, so the base param tree stays as it is and the
-LoRA params sit next to the weights they adapt.
+The models are untouched: `interceptor` wraps every call of the modules that hold a
+weight (`Linear`, the experts' `ExpertLinear`, an `Embed` table) whose module path matches
+`peft.lora_targets`, and creates `lora_a` / `lora_b` beside that module's weight, so the
+base param tree stays as it is and the LoRA params sit next to the weights they adapt.
+
+On an `Embed` (the token table `/embed$`, or `pos_embed` / `type_embed`) LoRA adapts the
+table itself, E + dE with dE = (alpha/r) (A B)^T (A: D x r, B: r x V), in both of its uses:
+the lookup takes rows of dE (B[:, ids]^T A^T, never materialising V x D) and the tied head
+adds x A B. Both calls of the one module share the one pair, so `merge` is exact. The
+lookup's input is ids, so `lora_dropout` applies to the head's input only.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ import re
 import flax.linen as nn
 import jax.numpy as jnp
 
-from llm.config import ConfigError, PeftConfig
-from llm.layers.linear import Linear, contract_last, dot, logical_init
+from llm.config import PeftConfig
+from llm.layers.linear import Linear, contract_last, dot, logical_init, take_rows
 from llm.layers.moe import ExpertLinear
 from llm.models.blocks import Embed
 
@@ -57,22 +62,39 @@ def _expert_delta(module: ExpertLinear, x_BECI, rank):
   return jnp.transpose(y_EBCO, (1, 0, 2, 3))
 
 
-def _attend_delta(module: Embed, x_BTD, rank):
+def _embed_factors(module: Embed, rank):
+  # Created by whichever use runs first; flax hands the second call the same pair.
   a = _factor(module, "lora_a", (module.features, rank), (module.axes[1], None), _a_init(rank))
   b = _factor(module, "lora_b", (rank, module.num_embeddings), (None, module.axes[0]),
               nn.initializers.zeros)
+  return a, b
+
+
+def _attend_delta(module: Embed, x_BTD, rank):
+  a, b = _embed_factors(module, rank)
   h = dot(x_BTD, a, contract_last(x_BTD.ndim, 1), module.dtype)
   return dot(h, b, contract_last(h.ndim, 1), module.dtype)
 
 
-# module class -> the low-rank update of that projection's output.
-_DELTAS = {Linear: _linear_delta, ExpertLinear: _expert_delta, Embed: _attend_delta}
+def _lookup_delta(module: Embed, ids, rank):
+  """Rows `ids` of (A B)^T: B's columns `ids` (r numbers each) times A^T."""
+  a, b = _embed_factors(module, rank)
+  h = take_rows(b.T, ids, module.dtype)
+  return dot(h, a, (((h.ndim - 1,), (1,)), ((), ())), module.dtype)
 
 
-def _is_projection(module, method_name, kwargs) -> bool:
+# module class -> the low-rank update of that module's output.
+_DELTAS = {Linear: _linear_delta, ExpertLinear: _expert_delta}
+
+
+def _delta_fn(module, method_name, args, kwargs):
+  """The update for this call of `module`, or None for a call LoRA leaves alone."""
   if method_name != "__call__":
-    return False
-  return not isinstance(module, Embed) or kwargs.get("attend", False)  # not the lookup
+    return None
+  if isinstance(module, Embed):
+    attend = kwargs.get("attend", args[1] if len(args) > 1 else False)
+    return _attend_delta if attend else _lookup_delta
+  return _DELTAS.get(type(module))
 
 
 def interceptor(peft: PeftConfig):
@@ -82,12 +104,11 @@ def interceptor(peft: PeftConfig):
 
   def intercept(next_fun, args, kwargs, context):
     y = next_fun(*args, **kwargs)
-    delta = _DELTAS.get(type(context.module))
-    if (delta is None or not _is_projection(context.module, context.method_name, kwargs)
-        or not targets.search(module_path(context.module))):
+    delta = _delta_fn(context.module, context.method_name, args, kwargs)
+    if delta is None or not targets.search(module_path(context.module)):
       return y
     x = args[0]
-    if peft.lora_dropout and context.module.has_rng("dropout"):
+    if delta is not _lookup_delta and peft.lora_dropout and context.module.has_rng("dropout"):
       x = nn.Dropout(peft.lora_dropout)(x, deterministic=False, rng=context.module.make_rng(
           "dropout"))
     return y + scale * delta(context.module, x, peft.lora_rank).astype(y.dtype)
@@ -99,7 +120,8 @@ def _delta(parent: dict, scale: float):
 
   A is (*lead, *in, r) and B (*lead, r, *out), where the leading axes are the stacked
   layers of a scan and, for experts, the expert axis; their count follows from the
-  ranks alone. The tied embedding is used as logits = x E^T, so dE = (A B)^T.
+  ranks alone. An embedding table E is used as logits = x E^T (and its lookup adds
+  the same rows), so dE = (A B)^T.
   """
   a, b = parent["lora_a"], parent["lora_b"]
   name = "embedding" if "embedding" in parent else "kernel"
@@ -123,17 +145,14 @@ def _map_lora_parents(params, fn):
 def merge(params: dict, peft: PeftConfig) -> dict:
   """The plain base tree with every LoRA update folded into its kernel: W + (alpha/r) A B.
 
-  The merged tree runs on the un-adapted model at the cost of the base model. LoRA on
-  the embedding exists only where it is the tied output projection, and cannot be
-  merged (the table is also the input lookup), so that is refused.
+  The merged tree runs on the un-adapted model at the cost of the base model. An
+  embedding table gets E + (alpha/r) (A B)^T, exact in both its lookup and tied head
+  (the interceptor adapts both uses with the one pair).
   """
   scale = peft.lora_alpha / peft.lora_rank
 
   def fold(parent):
     name, delta = _delta(parent, scale)
-    if name == "embedding":
-      raise ConfigError("LoRA on the tied output embedding cannot be merged (the table is also "
-                        "the input embedding); leave it out of model.peft.lora_targets")
     rest = {k: v for k, v in parent.items() if k not in ("lora_a", "lora_b")}
     return {**rest, name: parent[name] + delta}
   return _map_lora_parents(params, fold)
