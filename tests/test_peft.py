@@ -5,18 +5,18 @@ saved alone and refuse another base; bad input fails with a named one-line error
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 import optax
 import pytest
 
 from llm import config as config_lib, models, objectives, peft
 from llm.config import ConfigError
 from llm.inference import decode
-from llm.models.blocks import Embed
 from llm.inference.generate import prompt_inputs
+from llm.models.blocks import Embed
 from llm.peft import prompt as prompt_lib
 from llm.train import loop
 from llm.train.state import init_state
