@@ -133,8 +133,9 @@ _FUSIBLE = (("attn", ("query", "key", "value"), "qkv"),
 def for_decoding(module: nn.Module, params):
   """The model as decoding runs it: per-layer params (no stacked-weight copies per step)
   and fused q/k/v projections. Same function, different param layout. Idempotent, so a
-  caller that decodes many times transforms once and passes the result on."""
-  module, params = unscanned(module, params)
+  caller that decodes many times transforms once and passes the result on. Params fresh
+  from `init` are unboxed first (their partitioning metadata would hide the kernels)."""
+  module, params = unscanned(module, nn.unbox(params))
   return module, fuse_projections(params)
 
 
