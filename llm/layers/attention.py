@@ -11,6 +11,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llm.config import ModelConfig
 from llm.layers.linear import Linear
@@ -55,36 +56,51 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS=None, scal
   `scale=False` is T5's convention (the 1/sqrt(H) is folded into the query init).
   `kv_layout="bksh"` takes keys and values as (B, K, S, H) (the decode cache's layout).
   """
+  return blocked_attention(q_BTNH, [(k_BSKH, v_BSKH, kv_layout)], mask_BTS, bias_BNTS, scale)
+
+
+def blocked_attention(q_BTNH, blocks, mask_BTS, bias_BNTS=None, scale=True):
+  """`dot_product_attention` over keys and values given in blocks along S, each
+  (keys, values, layout "bskh" or "bksh"); mask and bias span all blocks, in order.
+
+  A decode step attends to its cache and to its own new tokens as two blocks, so the
+  cache it reads is the one it was given: XLA:CPU then writes the new tokens into the
+  loop-carried cache in place, where attending to the written cache made it duplicate
+  the write and copy every layer's cache three times per step (measured).
+  """
   b, t, n, h = q_BTNH.shape
-  k = k_BSKH.shape[kv_layout.index("k")]
+  layout = blocks[0][2]
+  k = blocks[0][0].shape[layout.index("k")]
   if k == n:  # one query head per kv head: no group axis (it costs a T x S transpose)
-    return _attention_1h(q_BTNH, k_BSKH, v_BSKH, mask_BTS, bias_BNTS, scale,
-                         kv_layout.replace("k", "n"))
-  q_BTKGH = q_BTNH.reshape(b, t, k, n // k, h)
-  logits_BKGTS = jnp.einsum(f"btkgh,{kv_layout}->bkgts", q_BTKGH, k_BSKH,
-                            preferred_element_type=jnp.float32)
+    heads, q = "n", q_BTNH
+    kv_letters = lambda layout: layout.replace("k", "n")
+  else:
+    heads, q = "kg", q_BTNH.reshape(b, t, k, n // k, h)
+    kv_letters = lambda layout: layout
+  q_sub, logits_sub = f"bt{heads}h", f"b{heads}ts"
+  parts = []
+  for keys, _, layout in blocks:
+    kv = kv_letters(layout)
+    if kv.index("s") == 2:  # (B, K, S, H): keys as the dot's lhs, read as stored (as
+      # the rhs, XLA:CPU copies the whole key cache into (K, H, S) every step)
+      parts.append(jnp.einsum(f"{kv},{q_sub}->b{heads}st", keys, q,
+                              preferred_element_type=jnp.float32).swapaxes(-1, -2))
+    else:
+      parts.append(jnp.einsum(f"{q_sub},{kv}->{logits_sub}", q, keys,
+                              preferred_element_type=jnp.float32))
+  logits = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
   if scale:
-    logits_BKGTS = logits_BKGTS * (h ** -0.5)
+    logits = logits * (h ** -0.5)
   if bias_BNTS is not None:  # (B or 1, N, T or 1, S)
-    bias = bias_BNTS.reshape(bias_BNTS.shape[0], k, n // k, *bias_BNTS.shape[2:])
-    logits_BKGTS = logits_BKGTS + bias
-  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _NEG_INF)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-  out_BTKGH = jnp.einsum(f"bkgts,{kv_layout}->btkgh", probs_BKGTS, v_BSKH)
-  return out_BTKGH.reshape(b, t, n, h)
-
-
-def _attention_1h(q_BTNH, k_BSNH, v_BSNH, mask_BTS, bias_BNTS, scale, kv_layout):
-  """`dot_product_attention` when every query head has its own kv head (N = K)."""
-  logits_BNTS = jnp.einsum(f"btnh,{kv_layout}->bnts", q_BTNH, k_BSNH,
-                           preferred_element_type=jnp.float32)
-  if scale:
-    logits_BNTS = logits_BNTS * (q_BTNH.shape[-1] ** -0.5)
-  if bias_BNTS is not None:
-    logits_BNTS = logits_BNTS + bias_BNTS
-  logits_BNTS = jnp.where(mask_BTS[:, None], logits_BNTS, _NEG_INF)
-  probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(v_BSNH.dtype)
-  return jnp.einsum(f"bnts,{kv_layout}->btnh", probs_BNTS, v_BSNH)
+    logits = logits + (bias_BNTS if k == n else bias_BNTS.reshape(
+        bias_BNTS.shape[0], k, n // k, *bias_BNTS.shape[2:]))
+  mask = mask_BTS[:, None] if k == n else mask_BTS[:, None, None]
+  logits = jnp.where(mask, logits, _NEG_INF)
+  probs = jax.nn.softmax(logits, axis=-1).astype(blocks[0][1].dtype)
+  ends = np.cumsum([p.shape[-1] for p in parts])[:-1]
+  out = sum(jnp.einsum(f"{logits_sub},{kv_letters(layout)}->{q_sub}", p, values)
+            for p, (_, values, layout) in zip(jnp.split(probs, ends, axis=-1), blocks))
+  return out.reshape(b, t, n, h)
 
 
 def _projection(cfg: ModelConfig, features, axes, name, in_dims=1) -> Linear:
@@ -97,8 +113,7 @@ class Attention(nn.Module):
 
   With `decode=True` keys/values go to the "cache" collection at slot = position (counted
   from the row's first token): row b's new tokens fill slots positions_BT[b], and each
-  query sees the slots up to its own. A
-  row's cached length lives outside the module (`llm.inference.DecodeState.end_B`), so
+  query sees the slots before them and the new tokens up to its own. A row's cached length lives outside the module (`llm.inference.DecodeState.end_B`), so
   rows can hold different lengths and rolling a row back is just a smaller end index.
   """
 
@@ -123,30 +138,30 @@ class Attention(nn.Module):
       k_BTKH = apply_rope(k_BTKH, positions_BT, cfg.rope_theta)
     q_BTNH = nn.with_logical_constraint(q_BTNH, ("act_batch", "act_length", "act_heads", None))
 
+    cache_vars = None
     if decode and self.has_variable("cache", "cached_key"):
-      keys, values, mask_BTS = self._update_cache(k_BTKH, v_BTKH, positions_BT)
-      layout = "bksh"
+      cache_vars = self._cache_vars(None, None, None, None)
+      blocks, mask_BTS, k_pos_BS = cache_blocks(*(c.value for c in cache_vars), k_BTKH,
+                                                v_BTKH, positions_BT)
     else:
       if decode:  # first call (cache init): allocate for this many slots
         self._cache_vars(x_BTD.shape[0], x_BTD.shape[1], k, h)
-      keys, values, layout = k_BTKH, v_BTKH, "bskh"
+      blocks, k_pos_BS = [(k_BTKH, v_BTKH, "bskh")], positions_BT
       if prefix_BT is not None:
         mask_BTS = prefix_lm_mask(segment_ids_BT, prefix_BT)
       else:
         mask_BTS = (causal_segment_mask if causal else segment_mask)(segment_ids_BT)
 
-    s = keys.shape[layout.index("s")]
-    if rel_table_KN is not None:  # T5: keys at cache slots (decode) or their positions
-      k_pos_BS = (jnp.broadcast_to(jnp.arange(s), (x_BTD.shape[0], s)) if decode
-                  else positions_BT)
+    if rel_table_KN is not None:  # T5: by the keys' positions (decode: their cache slots)
       rel_BNTS = relative_bias(rel_table_KN, positions_BT, k_pos_BS, not causal,
                                cfg.relative_max_distance)
       bias_BNTS = rel_BNTS if bias_BNTS is None else bias_BNTS + rel_BNTS
     if cfg.positions == "alibi":
-      alibi_1NTS = alibi_bias(n, s)
-      bias_BNTS = alibi_1NTS if bias_BNTS is None else bias_BNTS + alibi_1NTS
-    out_BTNH = dot_product_attention(q_BTNH, keys, values, mask_BTS, bias_BNTS,
-                                     cfg.scale_attention, layout)
+      alibi_BNTS = alibi_bias(n, k_pos_BS)
+      bias_BNTS = alibi_BNTS if bias_BNTS is None else bias_BNTS + alibi_BNTS
+    out_BTNH = blocked_attention(q_BTNH, blocks, mask_BTS, bias_BNTS, cfg.scale_attention)
+    if cache_vars is not None:
+      _write_cache(*cache_vars, *blocks[1][:2], positions_BT, out_BTNH)
     out_BTNH = nn.Dropout(cfg.dropout)(out_BTNH, deterministic=deterministic)
     return proj((cfg.d_model,), ("heads", "head_dim", "embed"), "out", in_dims=2)(out_BTNH)
 
@@ -156,37 +171,44 @@ class Attention(nn.Module):
     return (self.variable("cache", "cached_key", jnp.zeros, (batch, k, length, h), dtype),
             self.variable("cache", "cached_value", jnp.zeros, (batch, k, length, h), dtype))
 
-  def _update_cache(self, k_BTKH, v_BTKH, positions_BT):
-    key, value = self._cache_vars(None, None, None, None)
-    key.value = _write_slots(key.value, k_BTKH, positions_BT)
-    value.value = _write_slots(value.value, v_BTKH, positions_BT)
-    # Slots past a query's own hold stale or future tokens (a rolled-back row, padding).
-    mask_BTS = jnp.arange(key.value.shape[2])[None, None, :] <= positions_BT[:, :, None]
-    return key.value, value.value, mask_BTS
 
 
-_ONE_HOT_WRITE_MAX = 8  # tokens per call; above that (prefill) the T x S one-hot costs more
+def cache_blocks(key_BKSH, value_BKSH, k_BTKH, v_BTKH, positions_BT):
+  """A decode step's attention inputs: (blocks: the cache as it was and the new tokens;
+  their mask; their keys' positions). A query sees the cache's slots before its row's
+  first new token (slots past it hold stale or rolled-back tokens) and the new tokens
+  up to its own."""
+  new_k, new_v = k_BTKH.astype(key_BKSH.dtype), v_BTKH.astype(value_BKSH.dtype)
+  (b, t), s = positions_BT.shape, key_BKSH.shape[2]
+  slots_BS = jnp.broadcast_to(jnp.arange(s), (b, s))
+  cached_BTS = jnp.broadcast_to(slots_BS[:, None] < positions_BT[:, :1, None], (b, t, s))
+  new_BTT = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+  return ([(key_BKSH, value_BKSH, "bksh"), (new_k, new_v, "bskh")],
+          jnp.concatenate([cached_BTS, new_BTT], -1),
+          jnp.concatenate([slots_BS, positions_BT], 1))
+
+
+def _write_cache(key, value, new_k, new_v, positions_BT, out_BTNH):
+  """Writes the new tokens into the cache variables after the attention has read them.
+
+  The slots are made to depend on the attention's output (a NaN row writes to slot 0;
+  its output is NaN anyway), so XLA sees the cache read before the write and updates
+  the cache in place. Without the dependency XLA:CPU copies each layer's cache twice a
+  step (~25% of a batch-1 step, measured); an optimization barrier does not order them.
+  """
+  positions_BT = jnp.where(jnp.isnan(out_BTNH[:, :1, 0, 0]), 0, positions_BT)
+  key.value = _write_slots(key.value, new_k, positions_BT)
+  value.value = _write_slots(value.value, new_v, positions_BT)
 
 
 def _write_slots(cache_BKSH, new_BTKH, positions_BT):
   """The cache with row b's new tokens at slots positions_BT[b] (slots past the cache
-  are dropped).
-
-  A decode step (a few tokens) writes through one elementwise select per token: XLA:CPU
-  compiles a scatter (or a dynamic-update-slice) into two fusions, one feeding the
-  attention dot and one the loop carry, each on its own copy of the cache, and a one-hot
-  einsum into a dot whose output needs a transpose (a copy); the selects fuse into one
-  pass that makes the new cache and nothing else. Longer writes (prefill) stay a scatter.
-  """
-  new_BTKH = new_BTKH.astype(cache_BKSH.dtype)
-  if new_BTKH.shape[1] > _ONE_HOT_WRITE_MAX:
-    rows_B1 = jnp.arange(new_BTKH.shape[0])[:, None]
-    return cache_BKSH.at[rows_B1, :, positions_BT].set(new_BTKH)
-  slots_S = jnp.arange(cache_BKSH.shape[2])
-  for t in range(new_BTKH.shape[1]):
-    hot_B1S1 = (positions_BT[:, t, None] == slots_S)[:, None, :, None]
-    cache_BKSH = jnp.where(hot_B1S1, new_BTKH[:, t, :, None, :], cache_BKSH)
-  return cache_BKSH
+  are dropped). One scatter of the new tokens alone: inside a decode loop XLA updates
+  the carried cache in place, so a step costs its tokens, not the cache's length (an
+  elementwise select over every slot cost ~10% of a batch-1 step, measured)."""
+  rows_B1 = jnp.arange(new_BTKH.shape[0])[:, None]
+  return cache_BKSH.at[rows_B1, :, positions_BT].set(new_BTKH, unique_indices=True,
+                                                     mode="drop")
 
 
 class CrossAttention(nn.Module):

@@ -40,10 +40,12 @@ def alibi_slopes(num_heads: int) -> jax.Array:
   return jnp.asarray(slopes, jnp.float32)
 
 
-def alibi_bias(num_heads: int, key_len: int) -> jax.Array:
-  """bias_1NTS = slope_n * s. Softmax ignores per-query constants, so this equals the
-  usual -slope * (t - s) and needs no query positions (works for packing and caches)."""
-  return (alibi_slopes(num_heads)[:, None, None] * jnp.arange(key_len, dtype=jnp.float32))[None]
+def alibi_bias(num_heads: int, key_positions_BS: jax.Array) -> jax.Array:
+  """bias_BN1S = slope_n * key position. Softmax ignores per-query constants, so this
+  equals the usual -slope * (t - s) and needs no query positions (works for packing and
+  caches)."""
+  slopes_1N11 = alibi_slopes(num_heads)[None, :, None, None]
+  return slopes_1N11 * key_positions_BS[:, None, None, :].astype(jnp.float32)
 
 
 def relative_position_bucket(relative_TS: jax.Array, bidirectional: bool, num_buckets: int,
