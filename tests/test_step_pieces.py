@@ -1,5 +1,6 @@
 """The train step's fast pieces against references: the token loss (no argmax, no
-masked sum), attention without a group axis, and the persistent compilation cache."""
+masked sum), attention without a group axis and in blocks (the decode step's cache and
+new tokens), and the persistent compilation cache."""
 
 import os
 
@@ -9,7 +10,8 @@ import numpy as np
 import optax
 from jax.experimental.compilation_cache import compilation_cache
 
-from llm.layers.attention import causal_segment_mask, dot_product_attention
+from llm.layers.attention import (blocked_attention, causal_segment_mask,
+                                  dot_product_attention)
 from llm.objectives import token_losses
 from llm.train.loop import use_compilation_cache
 
@@ -46,6 +48,22 @@ def test_attention_without_group_axis_matches_numpy():
   cache_layout = dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
                                        jnp.asarray(mask), bias, kv_layout="bksh")
   np.testing.assert_allclose(cache_layout, expected, atol=1e-5)
+
+
+def test_blocked_attention_equals_attention_over_the_concatenation():
+  """Cache block (B, K, S, H) + new-token block (B, T, K, H), grouped (N = 2K) and not."""
+  rng = np.random.default_rng(2)
+  for n, k in ((4, 2), (2, 2)):
+    q = rng.normal(size=(2, 3, n, 4)).astype(np.float32)
+    k_all, v_all = (rng.normal(size=(2, 7, k, 4)).astype(np.float32) for _ in range(2))
+    mask = rng.random((2, 3, 7)) > 0.3
+    mask[..., 0] = True
+    bias = rng.normal(size=(1, n, 1, 7)).astype(np.float32)
+    whole = dot_product_attention(q, k_all, v_all, jnp.asarray(mask), bias)
+    cache = (k_all[:, :5].transpose(0, 2, 1, 3), v_all[:, :5].transpose(0, 2, 1, 3), "bksh")
+    blocks = [cache, (k_all[:, 5:], v_all[:, 5:], "bskh")]
+    np.testing.assert_allclose(blocked_attention(q, blocks, jnp.asarray(mask), bias), whole,
+                               atol=1e-5)
 
 
 def test_compilation_cache_dir_stores_executables(tmp_path):

@@ -3,8 +3,9 @@
 Every row's tokens sit in its cache at slot = position, starting at slot 0 (prompts are
 right-padded), and `end_B` says how many of them are real. Appending writes at `end_B`;
 rolling a row back (speculative decoding) lowers its `end_B`; reordering rows (beam
-search) gathers every cache leaf along its batch axis. The attention layers mask slots
-past each query, so whatever lies beyond a row's end is never read.
+search) gathers every cache leaf along its batch axis. The attention layers read a row's
+cache only below its end (and the new tokens up to each query), so whatever lies beyond
+a row's end is never read.
 
 Greedy/sampling (`generate`), beam search (`beam`) and speculative decoding
 (`speculative`) are loops over these functions; all of them are pure and jit-able.
