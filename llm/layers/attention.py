@@ -98,7 +98,11 @@ def blocked_attention(q_BTNH, blocks, mask_BTS, bias_BNTS=None, scale=True):
   logits = jnp.where(mask, logits, _NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(blocks[0][1].dtype)
   ends = np.cumsum([p.shape[-1] for p in parts])[:-1]
-  out = sum(jnp.einsum(f"{logits_sub},{kv_letters(layout)}->{q_sub}", p, values)
+  def mix(p, values, kv):
+    if kv.index("s") == 2:  # (B, K, S, H): probs as the lhs, the plain (T, S) x (S, H)
+      return jnp.moveaxis(jnp.einsum(f"{logits_sub},{kv}->b{heads}th", p, values), -2, 1)
+    return jnp.einsum(f"{logits_sub},{kv}->{q_sub}", p, values)
+  out = sum(mix(p, values, kv_letters(layout))
             for p, (_, values, layout) in zip(jnp.split(probs, ends, axis=-1), blocks))
   return out.reshape(b, t, n, h)
 
