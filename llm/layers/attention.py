@@ -98,6 +98,7 @@ def blocked_attention(q_BTNH, blocks, mask_BTS, bias_BNTS=None, scale=True):
   logits = jnp.where(mask, logits, _NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(blocks[0][1].dtype)
   ends = np.cumsum([p.shape[-1] for p in parts])[:-1]
+
   def mix(p, values, kv):
     if kv.index("s") == 2:  # (B, K, S, H): probs as the lhs, the plain (T, S) x (S, H)
       return jnp.moveaxis(jnp.einsum(f"{logits_sub},{kv}->b{heads}th", p, values), -2, 1)
@@ -117,8 +118,9 @@ class Attention(nn.Module):
 
   With `decode=True` keys/values go to the "cache" collection at slot = position (counted
   from the row's first token): row b's new tokens fill slots positions_BT[b], and each
-  query sees the slots before them and the new tokens up to its own. A row's cached length lives outside the module (`llm.inference.DecodeState.end_B`), so
-  rows can hold different lengths and rolling a row back is just a smaller end index.
+  query sees the slots before them and the new tokens up to its own. A row's cached
+  length lives outside the module (`llm.inference.DecodeState.end_B`), so rows can hold
+  different lengths and rolling a row back is just a smaller end index.
   """
 
   cfg: ModelConfig
@@ -145,8 +147,8 @@ class Attention(nn.Module):
     cache_vars = None
     if decode and self.has_variable("cache", "cached_key"):
       cache_vars = self._cache_vars(None, None, None, None)
-      blocks, mask_BTS, k_pos_BS = cache_blocks(*(c.value for c in cache_vars), k_BTKH,
-                                                v_BTKH, positions_BT)
+      blocks, mask_BTS, k_pos_BS = _cache_blocks(*(c.value for c in cache_vars), k_BTKH,
+                                                 v_BTKH, positions_BT)
     else:
       if decode:  # first call (cache init): allocate for this many slots
         self._cache_vars(x_BTD.shape[0], x_BTD.shape[1], k, h)
@@ -176,8 +178,7 @@ class Attention(nn.Module):
             self.variable("cache", "cached_value", jnp.zeros, (batch, k, length, h), dtype))
 
 
-
-def cache_blocks(key_BKSH, value_BKSH, k_BTKH, v_BTKH, positions_BT):
+def _cache_blocks(key_BKSH, value_BKSH, k_BTKH, v_BTKH, positions_BT):
   """A decode step's attention inputs: (blocks: the cache as it was and the new tokens;
   their mask; their keys' positions). A query sees the cache's slots before its row's
   first new token (slots past it hold stale or rolled-back tokens) and the new tokens
