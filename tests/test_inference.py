@@ -163,6 +163,22 @@ def test_sampled_log_probs_and_lengths_match_a_full_forward():
                              atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_batched_decode_matches_its_full_forward(dtype):
+  """A half-precision cache at batch > 1 (grouped heads): the cached steps' log-probs
+  are the full forward's, to half precision."""
+  module, params = model_and_params(**dict(LLAMA_TINY, dtype=dtype, param_dtype=dtype))
+  prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
+  out = generate_sequences(module.module, params, prompts,
+                           SamplingConfig(temperature=0, max_new_tokens=5), jax.random.PRNGKey(0))
+  for row, prompt in enumerate(prompts):
+    seq = np.array([prompt + out.tokens[row].tolist()])
+    logits = np.asarray(module.apply({"params": params}, seq)[0], np.float32)
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    expected = logp[np.arange(len(prompt) - 1, seq.shape[1] - 1), out.tokens[row]]
+    np.testing.assert_allclose(out.logprobs[row], expected, atol=0.05)
+
+
 def test_encoders_do_not_generate():
   module, params = model_and_params(**GPT_TINY, family="encoder")
   with pytest.raises(ConfigError, match="encoder-only models"):

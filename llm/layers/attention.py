@@ -81,8 +81,10 @@ def blocked_attention(q_BTNH, blocks, mask_BTS, bias_BNTS=None, scale=True):
   parts = []
   for keys, _, layout in blocks:
     kv = kv_letters(layout)
-    if kv.index("s") == 2:  # (B, K, S, H): keys as the dot's lhs, read as stored (as
-      # the rhs, XLA:CPU copies the whole key cache into (K, H, S) every step)
+    if kv.index("s") == 2 and keys.dtype == jnp.float32:  # (B, K, S, H): keys as the
+      # dot's lhs, read as stored (as the rhs, XLA:CPU copies the whole key cache into
+      # (K, H, S) every step). Half caches keep the rhs form: XLA:CPU has no batched
+      # half x half -> float32 dot for the lhs form (UNIMPLEMENTED at batch > 1).
       parts.append(jnp.einsum(f"{kv},{q_sub}->b{heads}st", keys, q,
                               preferred_element_type=jnp.float32).swapaxes(-1, -2))
     else:
