@@ -163,11 +163,11 @@ def test_sampled_log_probs_and_lengths_match_a_full_forward():
                              atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_batched_decode_matches_its_full_forward(dtype):
-  """A half-precision cache at batch > 1 (grouped heads): the cached steps' log-probs
-  are the full forward's, to half precision."""
-  module, params = model_and_params(**dict(LLAMA_TINY, dtype=dtype, param_dtype=dtype))
+@pytest.mark.parametrize("config, dtype", [(GPT_TINY, "bfloat16"), (LLAMA_TINY, "float16")])
+def test_half_precision_batched_decode_matches_its_full_forward(config, dtype):
+  """A half-precision cache at batch > 1 (a kv head per query head, and grouped heads):
+  the cached steps' log-probs are the full forward's, to half precision."""
+  module, params = model_and_params(**dict(config, dtype=dtype, param_dtype=dtype))
   prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
   out = generate_sequences(module.module, params, prompts,
                            SamplingConfig(temperature=0, max_new_tokens=5), jax.random.PRNGKey(0))
