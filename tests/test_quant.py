@@ -13,6 +13,8 @@ from helpers import GPT_TINY, LLAMA_TINY, random_batch
 from llm import config as config_lib
 from llm.config import ConfigError
 from llm.inference import quantize as quant_lib
+from llm.inference.decode import for_decoding, prefill
+from llm.layers import quant
 from llm.layers.quant import QArray, quantize
 from llm.models import apply_batch, build
 
@@ -194,3 +196,35 @@ def test_bad_inputs_are_one_line_errors():
   wrong = quantize(jnp.ones((32, 16)), (-1,), 8)  # scales along the contracted axis
   with pytest.raises(ValueError, match=r"quantize it with contract=\(-2,\)"):
     wrong.quantized_dot(jnp.ones((2, 32)), (((1,), (0,)), ((), ())), jnp.float32)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_quantized_kernels_equal_the_parts(bits):
+  """Decoding's q/k/v (D, N, H) and gate/up (D, F) fusion of quantized kernels: the fused
+  array dequantizes to the parts side by side, and its dot to their dots side by side."""
+  rng = np.random.default_rng(bits)
+  for shape, axis in (((256, 2, 8), 1), ((256, 24), 1)):
+    parts = [quantize(jnp.asarray(rng.normal(size=shape), jnp.float32), (-len(shape),), bits)
+             for _ in range(3)]
+    fused = quant.concatenate(parts, axis)
+    np.testing.assert_array_equal(
+        fused.dequantize(), np.concatenate([p.dequantize() for p in parts], axis=axis))
+    x = jnp.asarray(rng.normal(size=(2, 256)), jnp.float32)
+    dims = (((1,), (0,)), ((), ()))
+    np.testing.assert_allclose(
+        fused.quantized_dot(x, dims, jnp.float32),
+        np.concatenate([p.quantized_dot(x, dims, jnp.float32) for p in parts], axis=axis),
+        rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="must not be contracted"):
+    quant.concatenate(parts, 0)
+
+
+def test_quantized_decode_fuses_qkv_and_matches_the_full_forward():
+  module, params, _, _ = _family("gpt_tied_scanned")
+  q = quant_lib.quantize_params(params, "int8")
+  dec_module, dec_params = for_decoding(module, q)
+  assert isinstance(dec_params["layers_0"]["attn"]["qkv"]["kernel"], QArray)
+  tokens = np.array([[3, 4, 5, 6, 7, 8]], np.int32)
+  state = prefill(dec_module, dec_params, jnp.asarray(tokens), jnp.asarray([6]), cache_len=8)
+  want = module.apply({"params": q}, jnp.asarray(tokens))[0, -1]
+  np.testing.assert_allclose(state.logits_BV[0], want, rtol=1e-4, atol=1e-4)

@@ -22,6 +22,7 @@ import numpy as np
 from flax import struct
 
 from llm.config import ConfigError
+from llm.layers import quant
 from llm.layers.mlp import FUSED_GATE_UP
 from llm.models.blocks import unscanned
 
@@ -103,14 +104,24 @@ def fuse_projections(params):
   """A new tree with each self-attention's query/key/value kernels (and biases) as one
   "qkv" kernel (D, N + 2K, H), and each gated MLP's gate and up kernels as one (D, 2F)
   kernel, which `Attention` and `MLP` use when present: one matmul instead of three (and
-  of two) per layer and step. Quantized kernels are left as they are."""
-  def plain(part) -> bool:  # a float kernel (and bias), nothing wrapped around it
-    return (isinstance(part, dict) and set(part) <= {"kernel", "bias"}
-            and isinstance(part.get("kernel"), (jax.Array, np.ndarray)))
+  of two) per layer and step. Quantized kernels fuse too (each part keeps its scales);
+  a float kernel next to a quantized one does not."""
+  def kind(part):  # "float" or "quantized" for a kernel (and bias) with nothing around it
+    if not (isinstance(part, dict) and set(part) <= {"kernel", "bias"}):
+      return None
+    kernel = part.get("kernel")
+    if isinstance(kernel, quant.QArray):
+      return "quantized"
+    return "float" if isinstance(kernel, (jax.Array, np.ndarray)) else None
+
+  def join(kernels, axis):
+    if isinstance(kernels[0], quant.QArray):
+      return quant.concatenate(kernels, axis)
+    return jnp.concatenate(kernels, axis=axis)
 
   def concat(tree, names, fused_name, axis):
     parts = [tree.pop(p) for p in names]
-    fused = {"kernel": jnp.concatenate([p["kernel"] for p in parts], axis=axis)}
+    fused = {"kernel": join([p["kernel"] for p in parts], axis)}
     if "bias" in parts[0]:
       fused["bias"] = jnp.concatenate([p["bias"] for p in parts], axis=axis - 1)
     return {**tree, fused_name: fused}
@@ -120,7 +131,8 @@ def fuse_projections(params):
       return tree
     tree = {k: fuse(v, k) for k, v in tree.items()}
     for scope, names, fused_name in _FUSIBLE:
-      if name == scope and all(plain(tree.get(p)) for p in names):
+      kinds = {kind(tree.get(p)) for p in names}
+      if name == scope and len(kinds) == 1 and None not in kinds:
         tree = concat(tree, names, fused_name, axis=1)
     return tree
   return fuse(params)

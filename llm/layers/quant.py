@@ -141,6 +141,24 @@ class QArray:
     return (y * x_scale).astype(dtype)
 
 
+def concatenate(arrays, axis: int) -> QArray:
+  """QArrays quantized alike, joined along a free (not contracted) `axis` of their values:
+  the fused q/k/v (or gate/up) kernel of decoding, with each part's scales kept."""
+  first = arrays[0]
+  nd = first.values.ndim
+  axis %= nd
+  if any((a.contract, a.bits, a.group) != (first.contract, first.bits, first.group)
+         for a in arrays) or axis in [c % nd for c in first.contract]:
+    raise ValueError(f"concatenate: the arrays must be quantized alike (contract, bits, group) "
+                     f"and axis={axis} must not be contracted (contract={first.contract})")
+  # The scales' layout merges the contracted axes into (G, 1): later axes shift by
+  # 2 - len(contract).
+  scale_axis = axis if axis < first.contract[0] % nd else axis + 2 - len(first.contract)
+  return QArray(jnp.concatenate([a.values for a in arrays], axis=axis),
+                jnp.concatenate([a.scale for a in arrays], axis=scale_axis),
+                first.contract, first.bits)
+
+
 def quantize(w: jax.Array, contract: tuple[int, ...], bits: int, group: int = 128) -> QArray:
   """Symmetric quantization of `w` with one scale per output channel and group of the
   (adjacent) `contract` axes: scale = max|w| / qmax, q = round(w / scale)."""
