@@ -51,7 +51,11 @@ def check_same_tokenizer(target_tokenizer, draft_tokenizer) -> None:
 def _draft(draft, draft_params, state, first_BK, first_len_B, rng, sampling, gamma):
   """gamma draft tokens (B, gamma) and the draft's distributions they came from (greedy:
   None; the tokens are argmaxes, no random draws or vocabulary-wide softmax needed)."""
-  _, state = decode_step(draft, draft_params, state, first_BK, first_len_B)
+  def first_step(k):  # reads the first k columns (rows then hold min(k, first_len_B) tokens)
+    return lambda st: decode_step(draft, draft_params, st, first_BK[:, :k],
+                                  jnp.minimum(first_len_B, k))[1]
+  # Two tokens only when some row kept all of last round's draft: a 1-token step is cheaper.
+  state = jax.lax.cond(jnp.any(first_len_B > 1), first_step(2), first_step(1), state)
 
   def propose(state, rng):
     if sampling.greedy:
