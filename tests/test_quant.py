@@ -14,8 +14,7 @@ from llm import config as config_lib
 from llm.config import ConfigError
 from llm.inference import quantize as quant_lib
 from llm.inference.decode import for_decoding, prefill
-from llm.layers import quant
-from llm.layers.quant import QArray, quantize
+from llm.layers.quant import QArray, concatenate, quantize
 from llm.models import apply_batch, build
 
 BERT_TINY = dict(family="encoder", vocab_size=64, d_model=32, num_layers=2, num_heads=4,
@@ -206,7 +205,7 @@ def test_fused_quantized_kernels_equal_the_parts(bits):
   for shape, axis in (((256, 2, 8), 1), ((256, 24), 1)):
     parts = [quantize(jnp.asarray(rng.normal(size=shape), jnp.float32), (-len(shape),), bits)
              for _ in range(3)]
-    fused = quant.concatenate(parts, axis)
+    fused = concatenate(parts, axis)
     np.testing.assert_array_equal(
         fused.dequantize(), np.concatenate([p.dequantize() for p in parts], axis=axis))
     x = jnp.asarray(rng.normal(size=(2, 256)), jnp.float32)
@@ -216,7 +215,7 @@ def test_fused_quantized_kernels_equal_the_parts(bits):
         np.concatenate([p.quantized_dot(x, dims, jnp.float32) for p in parts], axis=axis),
         rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match="must not be contracted"):
-    quant.concatenate(parts, 0)
+    concatenate(parts, 0)
 
 
 def test_quantized_decode_fuses_qkv_and_matches_the_full_forward():
