@@ -41,23 +41,26 @@ def test_int8_per_output_channel_matches_numpy_and_error_at_most_half_a_step():
   w = np.random.default_rng(0).standard_normal((48, 4, 8)).astype(np.float32)
   q = quantize(jnp.asarray(w), (0,), 8)
   values, scale = _numpy_int8(w, 0)
-  assert q.values.dtype == jnp.int8 and q.values.shape == w.shape
-  np.testing.assert_allclose(np.asarray(q.scale)[0, 0], scale[0], rtol=1e-6)
-  assert np.mean(np.asarray(q.values) == values) > 0.999  # ties may round either way
+  # Stored with the contracted axis last: (4, 8, 48), one scale per output channel.
+  assert q.values.dtype == jnp.int8 and q.values.shape == (4, 8, 48) and q.shape == w.shape
+  np.testing.assert_allclose(np.asarray(q.scale)[..., 0, 0], scale[0], rtol=1e-6)
+  stored = np.moveaxis(np.asarray(q.values), -1, 0)
+  assert np.mean(stored == values) > 0.999  # ties may round either way
   err = np.abs(np.asarray(q.dequantize()) - w)
   assert np.all(err <= scale / 2 * (1 + 1e-5))
-  assert np.all(np.abs(np.asarray(q.values)).max(axis=0) == 127)  # each channel's max hits the top
+  assert np.all(np.abs(stored).max(axis=0) == 127)  # each channel's max hits the top
 
 
 @pytest.mark.parametrize("contracted,groups", [(256, 2), (96, 1)])
 def test_int4_groups_of_128_or_the_dimension(contracted, groups):
   w = np.random.default_rng(1).standard_normal((contracted, 6)).astype(np.float32)
   q = quantize(jnp.asarray(w), (0,), 4)
-  assert q.values.dtype == jnp.int4 and q.scale.shape == (groups, 1, 6)
+  assert q.values.dtype == jnp.int4 and q.values.shape == (6, contracted)
+  assert q.scale.shape == (6, groups, 1)
   w_g = w.reshape(groups, contracted // groups, 6)
   scale = np.abs(w_g).max(axis=1, keepdims=True) / 7
-  np.testing.assert_allclose(np.asarray(q.scale), scale, rtol=1e-6)
-  values = np.asarray(q.values.astype(jnp.int8)).reshape(w_g.shape)
+  np.testing.assert_allclose(np.asarray(q.scale), scale.transpose(2, 0, 1), rtol=1e-6)
+  values = np.asarray(q.values.astype(jnp.int8)).T.reshape(w_g.shape)
   assert values.min() >= -7 and values.max() <= 7
   err = np.abs(np.asarray(q.dequantize()).reshape(w_g.shape) - w_g)
   assert np.all(err <= scale / 2 * (1 + 1e-5))

@@ -23,6 +23,22 @@ def logical_init(init, names: Sequence[str | None]):
   return nn.with_logical_partitioning(init, tuple(names))
 
 
+def kernel_param(module: nn.Module, name: str, init, shape, dtype):
+  """module.param(name, init, shape, dtype), or the quantized kernel stored under `name`.
+
+  A QArray's values are laid out for its dot, not in the float shape that Flax checks a
+  param's first leaf against, so its (float) `shape` is checked here instead."""
+  if module.has_variable("params", name):
+    value = module.get_variable("params", name)
+    if hasattr(value, "quantized_dot"):
+      if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"the quantized param {name!r} of {module.name} has shape "
+                         f"{tuple(value.shape)}, the model expects {tuple(shape)}; quantize "
+                         "a checkpoint of this model config")
+      return value
+  return module.param(name, init, shape, dtype)
+
+
 def dot(x: jax.Array, kernel, dimension_numbers, dtype) -> jax.Array:
   """lax.dot_general(x, kernel) in the compute `dtype`, for float or quantized kernels."""
   dtype = dtype_of(dtype)
@@ -61,8 +77,8 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     in_shape = x.shape[-self.in_dims:]
-    kernel = self.param(
-        "kernel",
+    kernel = kernel_param(
+        self, "kernel",
         logical_init(nn.initializers.normal(self.init_std), self.axes),
         (*in_shape, *self.features), dtype_of(self.param_dtype))
     y = dot(x, kernel, contract_last(x.ndim, self.in_dims), self.dtype)

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from llm.config import ModelConfig
 from llm.layers.common import dtype_of
-from llm.layers.linear import Linear, dot, logical_init
+from llm.layers.linear import Linear, dot, kernel_param, logical_init
 from llm.layers.mlp import ACTIVATIONS, GATED
 
 STATS = "moe_stats"  # the collection MoE layers sow into
@@ -186,8 +186,8 @@ class ExpertLinear(nn.Module):
   @nn.compact
   def __call__(self, x_BECI: jax.Array) -> jax.Array:
     num_experts, size_in = x_BECI.shape[1], x_BECI.shape[-1]
-    kernel_EIO = self.param(
-        "kernel", logical_init(nn.initializers.normal(self.init_std), self.axes),
+    kernel_EIO = kernel_param(
+        self, "kernel", logical_init(nn.initializers.normal(self.init_std), self.axes),
         (num_experts, size_in, self.features), dtype_of(self.param_dtype))
     dtype = dtype_of(self.dtype)
     # Experts are a batch dimension of the one `dot`: (E, B, C, O) out, then B first.

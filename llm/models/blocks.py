@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from llm.config import ModelConfig
 from llm.layers.attention import Attention
 from llm.layers.common import dtype_of
-from llm.layers.linear import dot, logical_init, take_rows
+from llm.layers.linear import dot, kernel_param, logical_init, take_rows
 from llm.layers.mlp import MLP
 from llm.layers.moe import STATS, MoE
 from llm.layers.norm import Norm
@@ -137,8 +137,8 @@ class Embed(nn.Module):
 
   @nn.compact
   def __call__(self, ids_or_x, attend: bool = False):
-    table = self.param(
-        "embedding", logical_init(nn.initializers.normal(self.init_std), self.axes),
+    table = kernel_param(
+        self, "embedding", logical_init(nn.initializers.normal(self.init_std), self.axes),
         (self.num_embeddings, self.features), dtype_of(self.param_dtype))
     if attend:  # logits x E^T, through the one `dot`
       return dot(ids_or_x, table, (((ids_or_x.ndim - 1,), (1,)), ((), ())), self.dtype)
