@@ -41,26 +41,36 @@ def test_int8_per_output_channel_matches_numpy_and_error_at_most_half_a_step():
   w = np.random.default_rng(0).standard_normal((48, 4, 8)).astype(np.float32)
   q = quantize(jnp.asarray(w), (0,), 8)
   values, scale = _numpy_int8(w, 0)
-  # Stored with the contracted axis last: (4, 8, 48), one scale per output channel.
-  assert q.values.dtype == jnp.int8 and q.values.shape == (4, 8, 48) and q.shape == w.shape
-  np.testing.assert_allclose(np.asarray(q.scale)[..., 0, 0], scale[0], rtol=1e-6)
-  stored = np.moveaxis(np.asarray(q.values), -1, 0)
-  assert np.mean(stored == values) > 0.999  # ties may round either way
+  assert q.values.dtype == jnp.int8 and q.values.shape == w.shape
+  np.testing.assert_allclose(np.asarray(q.scale)[0, 0], scale[0], rtol=1e-6)
+  assert np.mean(np.asarray(q.values) == values) > 0.999  # ties may round either way
   err = np.abs(np.asarray(q.dequantize()) - w)
   assert np.all(err <= scale / 2 * (1 + 1e-5))
-  assert np.all(np.abs(stored).max(axis=0) == 127)  # each channel's max hits the top
+  assert np.all(np.abs(np.asarray(q.values)).max(axis=0) == 127)  # each channel's max hits the top
+
+
+def test_int8_contract_last_stores_each_output_channel_contiguously():
+  w = np.random.default_rng(0).standard_normal((4, 12, 8)).astype(np.float32)  # (N, H, D)
+  q = quantize(jnp.asarray(w), (0, 1), 8, contract_last=True)  # attention out: (N, H) -> D
+  values, scale = _numpy_int8(w.reshape(48, 8), 0)
+  assert q.values.shape == (8, 4, 12) and q.scale.shape == (8, 1) and q.shape == w.shape
+  np.testing.assert_allclose(np.asarray(q.scale)[:, 0], scale[0], rtol=1e-6)
+  assert np.mean(np.asarray(q.values).reshape(8, 48).T == values) > 0.999
+  reference = quantize(jnp.asarray(w), (0, 1), 8)  # the float layout: the same numbers
+  np.testing.assert_array_equal(q.dequantize(), reference.dequantize())
+  with pytest.raises(ValueError, match="contract_last is for int8"):
+    quantize(jnp.asarray(w), (0, 1), 4, contract_last=True)
 
 
 @pytest.mark.parametrize("contracted,groups", [(256, 2), (96, 1)])
 def test_int4_groups_of_128_or_the_dimension(contracted, groups):
   w = np.random.default_rng(1).standard_normal((contracted, 6)).astype(np.float32)
   q = quantize(jnp.asarray(w), (0,), 4)
-  assert q.values.dtype == jnp.int4 and q.values.shape == (6, contracted)
-  assert q.scale.shape == (6, groups, 1)
+  assert q.values.dtype == jnp.int4 and q.scale.shape == (groups, 1, 6)
   w_g = w.reshape(groups, contracted // groups, 6)
   scale = np.abs(w_g).max(axis=1, keepdims=True) / 7
-  np.testing.assert_allclose(np.asarray(q.scale), scale.transpose(2, 0, 1), rtol=1e-6)
-  values = np.asarray(q.values.astype(jnp.int8)).T.reshape(w_g.shape)
+  np.testing.assert_allclose(np.asarray(q.scale), scale, rtol=1e-6)
+  values = np.asarray(q.values.astype(jnp.int8)).reshape(w_g.shape)
   assert values.min() >= -7 and values.max() <= 7
   err = np.abs(np.asarray(q.dequantize()).reshape(w_g.shape) - w_g)
   assert np.all(err <= scale / 2 * (1 + 1e-5))
@@ -84,24 +94,27 @@ def test_integer_dot_equals_float_dot_of_dequantized(layout):
   x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
   w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
 
+  variants = [(8, False), (4, False)] + ([] if dims[1][1] else [(8, True)])
+
   @jax.jit
   def both(x, w):
     out = {}
-    for bits in (8, 4):
-      q = quantize(w, contract, bits)
-      out[bits] = (q.quantized_dot(x, dims, jnp.float32), jax.lax.dot_general(x, q.dequantize(), dims))
+    for bits, last in variants:
+      q = quantize(w, contract, bits, contract_last=last)
+      out[bits, last] = (q.quantized_dot(x, dims, jnp.float32),
+                         jax.lax.dot_general(x, q.dequantize(), dims))
     return out
   for bits, (got, want) in both(x, w).items():
     assert got.shape == want.shape
     # Two int8 limbs per activation: error ~ max|x| / 64516 per product.
-    np.testing.assert_allclose(got, want, atol=2e-4 * float(jnp.max(jnp.abs(want))), err_msg=bits)
+    np.testing.assert_allclose(got, want, atol=2e-4 * float(jnp.max(jnp.abs(want))), err_msg=str(bits))
 
 
 def test_rows_of_a_quantized_table():
   table = jnp.asarray(np.random.default_rng(3).standard_normal((64, 256)), jnp.float32)
   ids = jnp.array([[1, 5, 63], [0, 5, 2]])
-  for bits in (8, 4):
-    q = quantize(table, (-1,), bits)
+  for bits, last in ((8, False), (4, False), (8, True)):
+    q = quantize(table, (-1,), bits, contract_last=last)
     np.testing.assert_array_equal(q.quantized_take(ids, jnp.float32), q.dequantize()[ids])
 
 
@@ -198,16 +211,24 @@ def test_bad_inputs_are_one_line_errors():
   wrong = quantize(jnp.ones((32, 16)), (-1,), 8)  # scales along the contracted axis
   with pytest.raises(ValueError, match=r"quantize it with contract=\(-2,\)"):
     wrong.quantized_dot(jnp.ones((2, 32)), (((1,), (0,)), ((), ())), jnp.float32)
+  # A quantized kernel of another model's shape: the float shape is checked, not the layout.
+  module, _, batch, _ = _family("gpt_tied_scanned")
+  q = quant_lib.quantize_params(params, "int8")
+  head = q["embed"]["embedding"]
+  q["embed"]["embedding"] = quantize(head.dequantize()[:, :-1], (-1,), 8, contract_last=True)
+  with pytest.raises(ValueError, match=r"'embedding' of .* has shape \(64, 31\), the model "
+                                       r"expects \(64, 32\); quantize a checkpoint of this"):
+    apply_batch(module, q, batch)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_fused_quantized_kernels_equal_the_parts(bits):
+@pytest.mark.parametrize("bits,last", [(8, False), (4, False), (8, True)])
+def test_fused_quantized_kernels_equal_the_parts(bits, last):
   """Decoding's q/k/v (D, N, H) and gate/up (D, F) fusion of quantized kernels: the fused
   array dequantizes to the parts side by side, and its dot to their dots side by side."""
   rng = np.random.default_rng(bits)
   for shape, axis in (((256, 2, 8), 1), ((256, 24), 1)):
-    parts = [quantize(jnp.asarray(rng.normal(size=shape), jnp.float32), (-len(shape),), bits)
-             for _ in range(3)]
+    parts = [quantize(jnp.asarray(rng.normal(size=shape), jnp.float32), (-len(shape),), bits,
+                      contract_last=last) for _ in range(3)]
     fused = concatenate(parts, axis)
     np.testing.assert_array_equal(
         fused.dequantize(), np.concatenate([p.dequantize() for p in parts], axis=axis))
