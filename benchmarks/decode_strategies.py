@@ -42,8 +42,8 @@ import numpy as np
 from llm import models, train
 from llm.inference import (SamplingConfig, beam_search, build_prefix_cache, for_decoding,
                            generate_sequences, generate_with_prefix, speculative_generate)
-from llm.inference.decode import decode_step, prefill
-from llm.inference.speculative import check_same_tokenizer
+from llm.inference.decode import decode_step, prefill, untied_head
+from llm.inference.speculative import check_same_tokenizer, loop_options
 
 PROMPTS = ["Return the", "The ", "A list of", "If the"]
 
@@ -61,7 +61,7 @@ def parse_args():
 
 
 def forward_ms(module, params, prompt, k: int, cache_len: int, steps: int = 32,
-               repeats: int = 9) -> float:
+               repeats: int = 9, options: tuple = ()) -> float:
   """Best ms of one decode_step appending k tokens at batch 1, inside a jitted loop (no
   dispatch), the row's end held fixed; the logits are summed so none is optimised away."""
   state = prefill(module, params, jnp.asarray([prompt], jnp.int32),
@@ -72,18 +72,23 @@ def forward_ms(module, params, prompt, k: int, cache_len: int, steps: int = 32,
     total, state = carry
     logits, new = decode_step(module, params, state, tokens)
     return total + logits.sum(), new.replace(end_B=state.end_B)
-  loop = jax.jit(lambda p, s: jax.lax.fori_loop(0, steps, body, (0.0, s))[0])
+  loop = jax.jit(lambda p, s: jax.lax.fori_loop(0, steps, body, (0.0, s))[0],
+                 compiler_options=dict(options) or None)
   fn = lambda: jax.block_until_ready(loop(params, state))
   fn()
   return 1e3 * min(time_calls(fn, 1) for _ in range(repeats)) / steps
 
 
-def round_costs(target, params, draft, draft_params, prompt, gammas, new_tokens) -> dict:
+def round_costs(target, params, draft, draft_params, greedy_pair, prompt, gammas,
+                new_tokens) -> dict:
   """What a speculative round is made of: gamma draft forwards (the first reads up to two
-  tokens) and one target forward of gamma + 1 tokens, next to a plain greedy step."""
+  tokens) and one target forward of gamma + 1 tokens, compiled as the speculative loop is
+  (with `untied_head` params on CPU), next to a plain greedy step."""
   cache_len = len(prompt) + new_tokens  # the cache a generation of new_tokens holds
-  ms = lambda module, p, k: forward_ms(module, p, prompt, k, cache_len)
-  out = {"target_1_token_ms": ms(target, params, 1),
+  options = loop_options()
+  ms = lambda module, p, k, opts=options: forward_ms(module, p, prompt, k, cache_len,
+                                                     options=opts)
+  out = {"target_1_token_ms": ms(*greedy_pair, 1, ()),  # as greedy runs it
          "draft_1_token_ms": ms(draft, draft_params, 1),
          "draft_2_tokens_ms": ms(draft, draft_params, 2)}
   for g in gammas:
@@ -92,10 +97,17 @@ def round_costs(target, params, draft, draft_params, prompt, gammas, new_tokens)
 
 
 def speculative_vs_greedy(target, params, draft, draft_params, ids, args) -> dict:
+  """Greedy with the tied (`for_decoding`) params against speculative with the layout its
+  loop wants (`untied_head` where `loop_options` apply), each prepared once."""
+  greedy_target, greedy_params = target, params
+  if loop_options():
+    (target, params), (draft, draft_params) = (untied_head(target, params),
+                                               untied_head(draft, draft_params))
   sampling = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens)  # no EOS: all N
   rng = jax.random.PRNGKey(0)
   gammas = [int(g) for g in args.gammas.split(",")]
-  greedy = lambda: [generate_sequences(target, params, [p], sampling, rng) for p in ids]
+  greedy = lambda: [generate_sequences(greedy_target, greedy_params, [p], sampling, rng)
+                    for p in ids]
   spec = {g: (lambda g=g: [speculative_generate(target, params, draft, draft_params, [p],
                                                 sampling, rng, gamma=g) for p in ids])
           for g in gammas}
@@ -108,7 +120,8 @@ def speculative_vs_greedy(target, params, draft, draft_params, ids, args) -> dic
   for name, ts in times.items():
     result[name] = {**best_and_median(ts), "tokens_per_s": len(ids) * args.new_tokens /
                     statistics.median(ts), "speedup_vs_greedy": base / statistics.median(ts)}
-  costs = round_costs(target, params, draft, draft_params, ids[0], gammas, args.new_tokens)
+  costs = round_costs(target, params, draft, draft_params, (greedy_target, greedy_params),
+                      ids[0], gammas, args.new_tokens)
   result["forward_costs"] = costs
   for g in gammas:
     outs = spec[g]()

@@ -10,9 +10,11 @@ import pytest
 from llm import config as config_lib
 from llm.config import ConfigError
 from llm.inference import SamplingConfig, generate_sequences
+from llm.inference.decode import for_decoding, untied_head
+from llm.inference.quantize import quantize_params
 from llm.inference.speculative import speculative_generate
 from llm.models import build
-from tests.helpers import LLAMA_TINY, model_and_params
+from tests.helpers import GPT_TINY, LLAMA_TINY, model_and_params
 
 
 def _model(scale=4.0, **overrides):
@@ -36,6 +38,28 @@ def test_greedy_is_the_targets_greedy_output_with_any_draft():
       assert stats["acceptance_rate"] == 1.0  # a draft that is the target is always right
     else:
       assert stats["acceptance_rate"] < 1.0
+
+
+def test_untied_head_is_the_same_function_and_a_tied_target_still_matches_greedy():
+  """Speculation's CPU loop reads a tied table as an untied E^T kernel (XLA's own dots
+  would transpose it at every step): the same logits, the same greedy tokens."""
+  target, params = model_and_params(**GPT_TINY)
+  module, dec_params = for_decoding(target.module, params)
+  untied, untied_params = untied_head(module, dec_params)
+  assert target.cfg.tie_embeddings and not untied.cfg.tie_embeddings
+  tokens = np.random.default_rng(0).integers(1, 64, (2, 8))
+  np.testing.assert_allclose(untied.apply({"params": untied_params}, tokens),
+                             target.apply({"params": params}, tokens), atol=1e-5)
+  assert untied_head(untied, untied_params)[0] is untied  # idempotent
+  quantized = quantize_params(dec_params, "int8")
+  assert untied_head(module, quantized)[1] is quantized  # int8 tables stay tied
+  draft, draft_params = model_and_params(seed=1, **dict(GPT_TINY, num_layers=1))
+  prompts = [[5, 6, 7], [9, 10, 11, 12]]
+  sampling = SamplingConfig(temperature=0, max_new_tokens=8)
+  want = generate_sequences(target.module, params, prompts, sampling, jax.random.PRNGKey(0))
+  got, _ = speculative_generate(target.module, params, draft.module, draft_params, prompts,
+                                sampling, jax.random.PRNGKey(0), gamma=3)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
 
 
 def _sequence_probs(apply, params, prompt, vocab, n):

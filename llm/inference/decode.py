@@ -13,6 +13,7 @@ Greedy/sampling (`generate`), beam search (`beam`) and speculative decoding
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import flax.linen as nn
@@ -150,6 +151,21 @@ def for_decoding(module: nn.Module, params):
   from `init` are unboxed first (their partitioning metadata would hide the kernels)."""
   module, params = unscanned(module, nn.unbox(params))
   return module, fuse_projections(params)
+
+
+def untied_head(module: nn.Module, params):
+  """The same decoder with its tied output projection x E^T as an untied "lm_head" kernel
+  E^T (D, V), for dots that would otherwise transpose the table at every call (XLA:CPU's
+  own dots with several rows; see `speculative`). Costs a copy of a float table; a
+  quantized table, another family or an untied model are returned as they are."""
+  cfg = module.cfg
+  if cfg.family != "decoder" or not cfg.tie_embeddings:
+    return module, params
+  table = params["embed"]["embedding"]
+  if isinstance(table, quant.QArray):
+    return module, params
+  untied = module.clone(cfg=dataclasses.replace(cfg, tie_embeddings=False))
+  return untied, {**params, "lm_head": {"kernel": jnp.transpose(table)}}
 
 
 def init_cache(module: nn.Module, batch: int, length: int, encoder_len: int = 0):
