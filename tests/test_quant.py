@@ -107,7 +107,8 @@ def test_integer_dot_equals_float_dot_of_dequantized(layout):
   for bits, (got, want) in both(x, w).items():
     assert got.shape == want.shape
     # Two int8 limbs per activation: error ~ max|x| / 64516 per product.
-    np.testing.assert_allclose(got, want, atol=2e-4 * float(jnp.max(jnp.abs(want))), err_msg=str(bits))
+    np.testing.assert_allclose(got, want, atol=2e-4 * float(jnp.max(jnp.abs(want))),
+                               err_msg=str(bits))
 
 
 def test_rows_of_a_quantized_table():

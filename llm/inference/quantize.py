@@ -28,8 +28,6 @@ MODES = ("none", "bf16", "f16", "int8", "int4")
 HALF = {"bf16": jnp.bfloat16, "f16": jnp.float16}
 BITS = {"int8": 8, "int4": 4}
 MANIFEST = "quantization.json"
-# 2: QArray values stored with the contracted axes last (1 kept the float layout).
-FORMAT = 2
 
 
 def check_mode(mode: str) -> str:
@@ -143,7 +141,7 @@ def save(directory: str, params, mode: str) -> None:
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, "params"), plain, force=True)
   with open(os.path.join(directory, MANIFEST), "w") as f:
-    json.dump({"mode": mode, "format": FORMAT, "layouts": layouts}, f)
+    json.dump({"mode": mode, "layouts": layouts}, f)
 
 
 def restore(directory: str, mode: str):
@@ -159,10 +157,6 @@ def restore(directory: str, mode: str):
   if manifest["mode"] != mode:
     raise ConfigError(f"{directory} holds a {manifest['mode']} checkpoint, not {mode}; "
                       f"restore it with --quant {manifest['mode']}")
-  if manifest["layouts"] and manifest.get("format") != FORMAT:
-    raise ConfigError(f"{directory} holds a quantized checkpoint of format "
-                      f"{manifest.get('format', 1)}, this llm reads format {FORMAT}; quantize "
-                      "the float checkpoint again (experiments.quantized_inference --save_quantized)")
   with ocp.StandardCheckpointer() as ckptr:
     plain = ckptr.restore(os.path.abspath(os.path.join(directory, "params")))
   layouts = manifest["layouts"]
