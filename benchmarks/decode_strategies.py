@@ -42,8 +42,8 @@ import numpy as np
 from llm import models, train
 from llm.inference import (SamplingConfig, beam_search, build_prefix_cache, for_decoding,
                            generate_sequences, generate_with_prefix, speculative_generate)
-from llm.inference.decode import decode_step, prefill, untied_head
-from llm.inference.speculative import check_same_tokenizer, loop_options
+from llm.inference.decode import decode_step, few_row_layout, prefill
+from llm.inference.speculative import check_same_tokenizer
 
 PROMPTS = ["Return the", "The ", "A list of", "If the"]
 
@@ -79,13 +79,12 @@ def forward_ms(module, params, prompt, k: int, cache_len: int, steps: int = 32,
   return 1e3 * min(time_calls(fn, 1) for _ in range(repeats)) / steps
 
 
-def round_costs(target, params, draft, draft_params, greedy_pair, prompt, gammas,
+def round_costs(target, params, draft, draft_params, greedy_pair, options, prompt, gammas,
                 new_tokens) -> dict:
   """What a speculative round is made of: gamma draft forwards (the first reads up to two
   tokens) and one target forward of gamma + 1 tokens, compiled as the speculative loop is
-  (with `untied_head` params on CPU), next to a plain greedy step."""
+  (`few_row_layout`), next to a plain greedy step."""
   cache_len = len(prompt) + new_tokens  # the cache a generation of new_tokens holds
-  options = loop_options()
   ms = lambda module, p, k, opts=options: forward_ms(module, p, prompt, k, cache_len,
                                                      options=opts)
   out = {"target_1_token_ms": ms(*greedy_pair, 1, ()),  # as greedy runs it
@@ -98,14 +97,14 @@ def round_costs(target, params, draft, draft_params, greedy_pair, prompt, gammas
 
 def speculative_vs_greedy(target, params, draft, draft_params, ids, args) -> dict:
   """Greedy with the tied (`for_decoding`) params against speculative with the layout its
-  loop wants (`untied_head` where `loop_options` apply), each prepared once."""
+  loop wants (`few_row_layout`), each prepared once."""
   greedy_target, greedy_params = target, params
-  if loop_options():
-    (target, params), (draft, draft_params) = (untied_head(target, params),
-                                               untied_head(draft, draft_params))
+  gammas = [int(g) for g in args.gammas.split(",")]
+  target, params, options = few_row_layout(target, params, rows=max(gammas) + 1)
+  if options:
+    draft, draft_params, options = few_row_layout(draft, draft_params, rows=2)
   sampling = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens)  # no EOS: all N
   rng = jax.random.PRNGKey(0)
-  gammas = [int(g) for g in args.gammas.split(",")]
   greedy = lambda: [generate_sequences(greedy_target, greedy_params, [p], sampling, rng)
                     for p in ids]
   spec = {g: (lambda g=g: [speculative_generate(target, params, draft, draft_params, [p],
@@ -121,7 +120,7 @@ def speculative_vs_greedy(target, params, draft, draft_params, ids, args) -> dic
     result[name] = {**best_and_median(ts), "tokens_per_s": len(ids) * args.new_tokens /
                     statistics.median(ts), "speedup_vs_greedy": base / statistics.median(ts)}
   costs = round_costs(target, params, draft, draft_params, (greedy_target, greedy_params),
-                      ids[0], gammas, args.new_tokens)
+                      options, ids[0], gammas, args.new_tokens)
   result["forward_costs"] = costs
   for g in gammas:
     outs = spec[g]()
@@ -163,7 +162,8 @@ def beam_vs_greedy(module, params, ids, args) -> dict:
   sampling = SamplingConfig(temperature=0, max_new_tokens=32)
   rng = jax.random.PRNGKey(0)
   greedy = lambda: generate_sequences(module, params, ids, sampling, rng)
-  beam4 = lambda: beam_search(module, params, ids, sampling, beams=4)
+  beam_module, beam_params, _ = few_row_layout(module, params, rows=4 * len(ids))  # once
+  beam4 = lambda: beam_search(beam_module, beam_params, ids, sampling, beams=4)
   times = interleaved({"greedy": greedy, "beam_4": beam4}, args.repeats)
   g, b = greedy(), beam4()
   return {"batch": len(ids), "new_tokens": 32,

@@ -10,7 +10,6 @@ score = sum of log p_model / ((5 + length) / 6) ** length_penalty (GNMT; 0 = pla
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -18,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from llm.config import ConfigError
-from llm.inference.decode import decode_step, for_decoding, gather_rows, prefill
+from llm.inference.decode import (decode_step, few_row_layout, for_decoding, gather_rows,
+                                  jit_with, prefill)
 from llm.inference.generate import Generation, prompt_inputs, to_generation
 from llm.inference.sampling import SamplingConfig, suppress
 
@@ -48,8 +48,9 @@ def _select(logits_BWV, sums_BW, scores_BW, finished_BW, length, length_penalty,
   return parent_BW, token_BW, logp_BW, sums_BW, scores_BW, was_finished_BW | (token_BW == eos)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "sampling", "beams", "length_penalty",
-                                             "cache_len"))
+_STATIC = ("module", "sampling", "beams", "length_penalty", "cache_len")
+
+
 def _beam_search(module, params, inputs: dict, sampling: SamplingConfig, beams: int,
                  length_penalty: float, cache_len: int):
   state = prefill(module, params, cache_len=cache_len, **inputs)
@@ -91,7 +92,8 @@ def beam_search(module: nn.Module, params, prompts: Sequence[Sequence[int]],
     raise ConfigError(f"beams={beams}: must be >= 1 (1 = greedy)")
   inputs, cache_len = prompt_inputs(module.cfg, prompts, sampling.max_new_tokens, pad_id,
                                     start_id)
-  module, params = for_decoding(module, params)
-  tokens, logps, scores = _beam_search(module, params, inputs, sampling, beams,
-                                       float(length_penalty), cache_len)
+  module, params, options = few_row_layout(*for_decoding(module, params),
+                                           rows=len(prompts) * beams)
+  tokens, logps, scores = jit_with(_beam_search, options, _STATIC)(
+      module, params, inputs, sampling, beams, float(length_penalty), cache_len)
   return to_generation(tokens, logps, sampling.eos_id, scores)

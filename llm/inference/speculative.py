@@ -13,16 +13,13 @@ Rows keep different numbers of tokens; each model's state is then cut back per r
 it is the first token both models read next round. When a row kept all gamma draft
 tokens the draft has not read the last of them, so next round it reads two.
 
-On CPU the loop compiles without XLA's YNNPACK dots (`LOOP_OPTIONS`): they repack the
-weight at every call, so the target's (gamma + 1)-row verify dots cost about 2.5x a one-row
-dot, against 1.5x with XLA's own dots, which are as fast for one row (a greedy step).
-Those dots would copy a tied output table transposed at every step, so the target reads
-it as an untied kernel (`untied_head`). Measured in benchmarks/decode_strategies.py.
+On CPU, with up to 16 rows of target tokens per round, the loop compiles with XLA's own
+dots instead of YNNPACK's (`decode.few_row_layout`): the (gamma + 1)-row verify then
+costs 1.1-1.3x a one-token step instead of 1.6x (benchmarks/decode_strategies.py).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -30,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from llm.config import ConfigError
-from llm.inference.decode import (decode_step, for_decoding, prefill, truncate_rows,
-                                  untied_head)
+from llm.inference.decode import (decode_step, few_row_layout, for_decoding, jit_with, prefill,
+                                  truncate_rows)
 from llm.inference.generate import Generation, prompt_inputs, to_generation
 from llm.inference.sampling import (SamplingConfig, greedy_tokens, sample, sampling_logits,
                                     token_logprobs)
@@ -117,25 +114,7 @@ def _verify(target_logits_BKV, x_BG, q_BGV, rng, sampling):
   return kept_B, next_B
 
 
-LOOP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # no YNNPACK fusions on CPU
-
-
-@functools.cache
-def loop_options() -> tuple:
-  """LOOP_OPTIONS as items where they apply: a CPU backend whose XLA knows them."""
-  if jax.default_backend() != "cpu":
-    return ()
-  try:
-    jax.jit(lambda x: x @ x, compiler_options=LOOP_OPTIONS)(jnp.ones((8, 8)))
-  except jax.errors.JaxRuntimeError:  # an XLA without the option: its defaults
-    return ()
-  return tuple(LOOP_OPTIONS.items())
-
-
-@functools.cache
-def _compiled(options: tuple):
-  return jax.jit(_speculative, compiler_options=dict(options) or None,
-                 static_argnames=("target", "draft", "sampling", "gamma", "cache_len"))
+_STATIC = ("target", "draft", "sampling", "gamma", "cache_len")
 
 
 def _speculative(target, params, draft, draft_params, inputs: dict, rng,
@@ -216,14 +195,14 @@ def speculative_generate(target: nn.Module, params, draft: nn.Module, draft_para
   inputs, cache_len = prompt_inputs(target.cfg, prompts, sampling.max_new_tokens, pad_id,
                                     start_id)
   prompt_inputs(draft.cfg, prompts, sampling.max_new_tokens, pad_id, start_id)
-  options = loop_options()
-  target, params = for_decoding(target, params)
+  target, params, options = few_row_layout(*for_decoding(target, params),
+                                           rows=len(prompts) * (gamma + 1))
   draft, draft_params = for_decoding(draft, draft_params)
-  if options:  # XLA's own dots: a tied table would be transposed at every step
-    (target, params), (draft, draft_params) = (untied_head(target, params),
-                                               untied_head(draft, draft_params))
-  tokens, logps, kept, rounds = _compiled(options)(target, params, draft, draft_params, inputs,
-                                                   rng, sampling, gamma, cache_len + gamma + 1)
+  if options:  # one compile for both: the draft's dots (up to 2 tokens a row) take them too
+    draft, draft_params, options = few_row_layout(draft, draft_params, rows=2 * len(prompts))
+  loop = jit_with(_speculative, options, _STATIC)
+  tokens, logps, kept, rounds = loop(target, params, draft, draft_params, inputs, rng,
+                                     sampling, gamma, cache_len + gamma + 1)
   rounds = int(rounds)
   stats = {"acceptance_rate": int(kept) / max(1, rounds * gamma), "rounds": rounds}
   return to_generation(tokens, logps, sampling.eos_id), stats
