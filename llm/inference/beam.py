@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from llm.config import ConfigError
 from llm.inference.decode import (decode_step, few_row_layout, for_decoding, gather_rows,
-                                  jit_with, jitted_prefill)
+                                  jit_with, prefill)
 from llm.inference.generate import Generation, prompt_inputs, to_generation
 from llm.inference.sampling import SamplingConfig, suppress
 
@@ -48,11 +48,12 @@ def _select(logits_BWV, sums_BW, scores_BW, finished_BW, length, length_penalty,
   return parent_BW, token_BW, logp_BW, sums_BW, scores_BW, was_finished_BW | (token_BW == eos)
 
 
-_STATIC = ("module", "sampling", "beams", "length_penalty")
+_STATIC = ("module", "sampling", "beams", "length_penalty", "cache_len")
 
 
-def _beam_search(module, params, state, sampling: SamplingConfig, beams: int,
-                 length_penalty: float):
+def _beam_search(module, params, inputs: dict, sampling: SamplingConfig, beams: int,
+                 length_penalty: float, cache_len: int):
+  state = prefill(module, params, cache_len=cache_len, **inputs)
   b, w, n = state.end_B.shape[0], beams, sampling.max_new_tokens
   state = gather_rows(state, jnp.repeat(jnp.arange(b), w))
   eos = -1 if sampling.eos_id is None else sampling.eos_id
@@ -93,7 +94,6 @@ def beam_search(module: nn.Module, params, prompts: Sequence[Sequence[int]],
                                     start_id)
   module, params, options = few_row_layout(*for_decoding(module, params),
                                            rows=len(prompts) * beams)
-  state = jitted_prefill(module, params, cache_len=cache_len, **inputs)
   tokens, logps, scores = jit_with(_beam_search, options, _STATIC)(
-      module, params, state, sampling, beams, float(length_penalty))
+      module, params, inputs, sampling, beams, float(length_penalty), cache_len)
   return to_generation(tokens, logps, sampling.eos_id, scores)

@@ -272,8 +272,3 @@ def prefill(module: nn.Module, params, tokens_BT: jax.Array, lengths_B: jax.Arra
                                method=module.encode)
   state = empty_state(module, tokens_BT.shape[0], cache_len, encoder_segment_ids_BS)
   return decode_step(module, params, state, tokens_BT, lengths_B, encoded_BSD)[1]
-
-
-# A prompt's dots have many rows: prefill jitted apart from a few-row loop, with XLA's
-# default dots (see few_row_layout).
-jitted_prefill = jax.jit(prefill, static_argnames=("module", "cache_len"))

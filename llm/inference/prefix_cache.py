@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm.config import ConfigError
-from llm.inference.decode import (DecodeState, decode_step, for_decoding, gather_rows,
-                                  jitted_prefill, with_cache_len)
+from llm.inference.decode import (DecodeState, decode_step, for_decoding, gather_rows, prefill,
+                                  with_cache_len)
 from llm.inference.generate import (Generation, context_slots, right_pad, sample_loop,
                                     to_generation)
 from llm.inference.sampling import SamplingConfig
@@ -49,13 +49,16 @@ def model_fingerprint(module: nn.Module, params) -> str:
   return digest.hexdigest()[:16]
 
 
+_prefill = jax.jit(prefill, static_argnames=("module", "cache_len"))
+
+
 def build_prefix_cache(module: nn.Module, params, prefix: Sequence[int]) -> PrefixCache:
   if module.cfg.family != "decoder":
     raise ConfigError(f"model.family={module.cfg.family}: prefix caching is for decoder "
                       "models (the prefix is part of the prompt)")
   module, params = for_decoding(module, params)
   tokens_1P, lengths_1 = right_pad([prefix])
-  state = jitted_prefill(module, params, tokens_1P, lengths_1, cache_len=len(prefix))
+  state = _prefill(module, params, tokens_1P, lengths_1, cache_len=len(prefix))
   return PrefixCache(state, len(prefix), model_fingerprint(module, params))
 
 

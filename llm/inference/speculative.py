@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from llm.config import ConfigError
-from llm.inference.decode import (decode_step, few_row_layout, for_decoding, jit_with,
-                                  jitted_prefill, truncate_rows)
+from llm.inference.decode import (decode_step, few_row_layout, for_decoding, jit_with, prefill,
+                                  truncate_rows)
 from llm.inference.generate import Generation, prompt_inputs, to_generation
 from llm.inference.sampling import (SamplingConfig, greedy_tokens, sample, sampling_logits,
                                     token_logprobs)
@@ -115,11 +115,13 @@ def _verify(target_logits_BKV, x_BG, q_BGV, rng, sampling):
   return kept_B, next_B
 
 
-_STATIC = ("target", "draft", "sampling", "gamma")
+_STATIC = ("target", "draft", "sampling", "gamma", "cache_len")
 
 
-def _speculative(target, params, draft, draft_params, t_state, d_state, rng,
-                 sampling: SamplingConfig, gamma: int):
+def _speculative(target, params, draft, draft_params, inputs: dict, rng,
+                 sampling: SamplingConfig, gamma: int, cache_len: int):
+  t_state = prefill(target, params, cache_len=cache_len, **inputs)
+  d_state = prefill(draft, draft_params, cache_len=cache_len, **inputs)
   b, n = t_state.end_B.shape[0], sampling.max_new_tokens
   width = n + gamma + 2  # room for a round's overflow; the last column takes masked writes
   eos = -1 if sampling.eos_id is None else sampling.eos_id
@@ -199,12 +201,9 @@ def speculative_generate(target: nn.Module, params, draft: nn.Module, draft_para
   draft, draft_params = for_decoding(draft, draft_params)
   if options:  # one compile for both: the draft's dots (up to 2 tokens a row) take them too
     draft, draft_params, options = few_row_layout(draft, draft_params, rows=2 * len(prompts))
-  cache_len += gamma + 1  # room for a round's overflow
-  t_state = jitted_prefill(target, params, cache_len=cache_len, **inputs)
-  d_state = jitted_prefill(draft, draft_params, cache_len=cache_len, **inputs)
   loop = jit_with(_speculative, options, _STATIC)
-  tokens, logps, kept, rounds = loop(target, params, draft, draft_params, t_state, d_state,
-                                     rng, sampling, gamma)
+  tokens, logps, kept, rounds = loop(target, params, draft, draft_params, inputs, rng,
+                                     sampling, gamma, cache_len + gamma + 1)
   rounds = int(rounds)
   stats = {"acceptance_rate": int(kept) / max(1, rounds * gamma), "rounds": rounds}
   return to_generation(tokens, logps, sampling.eos_id), stats
