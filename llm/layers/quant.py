@@ -77,6 +77,17 @@ def _stored_order(ndim: int, contract, contract_last: bool) -> tuple[int, ...]:
   return (*(a for a in range(ndim) if a not in contracted), *contracted)
 
 
+def _limbs(x: jax.Array, axes: tuple[int, ...]):
+  """int8 (hi, lo) with x ~ s (hi + lo / LIMB), and s = max|x| / 127 over `axes` (kept)."""
+  x = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+  row_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+  scaled = x / row_scale
+  hi = jnp.round(scaled)
+  lo = jnp.round((scaled - hi) * LIMB)
+  return hi.astype(jnp.int8), lo.astype(jnp.int8), row_scale
+
+
 @struct.dataclass
 class QArray:
   """An int8 / int4 array with float32 group scales, standing in for a float array."""
@@ -141,13 +152,8 @@ class QArray:
                                          + 2 for a in axes)
     x_batch, k_batch = shift(x_batch, x_first, x.ndim), shift(k_batch, k_first, nd)
 
-    x_f32 = x.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x_f32), axis=tuple(a % x.ndim for a in x_contract), keepdims=True)
-    row_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    scaled = x_f32 / row_scale
-    hi = jnp.round(scaled)
-    lo = jnp.round((scaled - hi) * LIMB)
-    limbs = jnp.stack([hi, lo]).astype(jnp.int8).reshape(2, *x_grouped)  # limb axis in front
+    hi, lo, row_scale = _limbs(x, tuple(a % x.ndim for a in x_contract))
+    limbs = jnp.stack([hi, lo]).reshape(2, *x_grouped)  # limb axis in front
 
     # Groups are a batch axis of the dot: each group's int32 sums get their own scale.
     nb = len(x_batch)
@@ -180,12 +186,8 @@ class QArray:
     free_shape = [x.shape[a] for a in x_free]
     x_RC = jnp.transpose(x, (*x_free, *(a % x.ndim for a in x_contract)))
     x_RC = x_RC.reshape(math.prod(free_shape), -1).astype(jnp.float32)
-    amax = jnp.max(jnp.abs(x_RC), axis=1, keepdims=True)
-    row_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    scaled = x_RC / row_scale
-    hi = jnp.round(scaled)
-    lo = jnp.round((scaled - hi) * LIMB)
-    limbs = jnp.concatenate([hi, lo]).astype(jnp.int8)
+    hi, lo, row_scale = _limbs(x_RC, (1,))
+    limbs = jnp.concatenate([hi, lo])
     k_free_shape = self.values.shape[:self.values.ndim - len(self.contract)]
     values_FC = self.values.reshape(math.prod(k_free_shape), -1)
     acc = jax.lax.dot_general(limbs, values_FC, (((1,), (1,)), ((), ())),
