@@ -43,7 +43,7 @@ from llm import models, train
 from llm.inference import (SamplingConfig, beam_search, build_prefix_cache, for_decoding,
                            generate_sequences, generate_with_prefix, speculative_generate)
 from llm.inference.decode import decode_step, few_row_layout, prefill
-from llm.inference.speculative import check_same_tokenizer
+from llm.inference.speculative import check_same_tokenizer, speculative_layout
 
 PROMPTS = ["Return the", "The ", "A list of", "If the"]
 
@@ -97,12 +97,11 @@ def round_costs(target, params, draft, draft_params, greedy_pair, options, promp
 
 def speculative_vs_greedy(target, params, draft, draft_params, ids, args) -> dict:
   """Greedy with the tied (`for_decoding`) params against speculative with the layout its
-  loop wants (`few_row_layout`), each prepared once."""
+  loop wants (`speculative_layout`), each prepared once."""
   greedy_target, greedy_params = target, params
   gammas = [int(g) for g in args.gammas.split(",")]
-  target, params, options = few_row_layout(target, params, rows=max(gammas) + 1)
-  if options:
-    draft, draft_params, options = few_row_layout(draft, draft_params, rows=2)
+  target, params, draft, draft_params, options = speculative_layout(
+      target, params, draft, draft_params, batch=1, gamma=max(gammas))
   sampling = SamplingConfig(temperature=0, max_new_tokens=args.new_tokens)  # no EOS: all N
   rng = jax.random.PRNGKey(0)
   greedy = lambda: [generate_sequences(greedy_target, greedy_params, [p], sampling, rng)

@@ -16,7 +16,7 @@ tokens the draft has not read the last of them, so next round it reads two.
 On CPU, with up to 16 rows of target tokens per round, the loop compiles with XLA's own
 dots instead of YNNPACK's (`decode.few_row_layout`): the (gamma + 1)-row verify then
 costs 1.1-1.4x a one-token step instead of about 1.6x (benchmarks/decode_strategies.py),
-and a round-trip through the loop runs 1.17-1.23x faster.
+and a whole call runs 1.17-1.23x faster.
 """
 
 from __future__ import annotations
@@ -183,6 +183,16 @@ def _speculative(target, params, draft, draft_params, inputs: dict, rng,
   return tokens_BM[:, :n], logps_BM[:, :n], kept_total, rounds
 
 
+def speculative_layout(target, params, draft, draft_params, batch: int, gamma: int):
+  """(target, params, draft, draft_params, compiler options) as the loop runs them, for
+  models already `for_decoding`: one compile for both, so the draft's dots (up to 2 tokens
+  a row) take the target's options too."""
+  target, params, options = few_row_layout(target, params, rows=batch * (gamma + 1))
+  if options:
+    draft, draft_params, options = few_row_layout(draft, draft_params, rows=2 * batch)
+  return target, params, draft, draft_params, options
+
+
 def speculative_generate(target: nn.Module, params, draft: nn.Module, draft_params,
                          prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                          rng: jax.Array, gamma: int = 4, pad_id: int = 0,
@@ -196,11 +206,9 @@ def speculative_generate(target: nn.Module, params, draft: nn.Module, draft_para
   inputs, cache_len = prompt_inputs(target.cfg, prompts, sampling.max_new_tokens, pad_id,
                                     start_id)
   prompt_inputs(draft.cfg, prompts, sampling.max_new_tokens, pad_id, start_id)
-  target, params, options = few_row_layout(*for_decoding(target, params),
-                                           rows=len(prompts) * (gamma + 1))
-  draft, draft_params = for_decoding(draft, draft_params)
-  if options:  # one compile for both: the draft's dots (up to 2 tokens a row) take them too
-    draft, draft_params, options = few_row_layout(draft, draft_params, rows=2 * len(prompts))
+  target, params, draft, draft_params, options = speculative_layout(
+      *for_decoding(target, params), *for_decoding(draft, draft_params),
+      batch=len(prompts), gamma=gamma)
   loop = jit_with(_speculative, options, _STATIC)
   tokens, logps, kept, rounds = loop(target, params, draft, draft_params, inputs, rng,
                                      sampling, gamma, cache_len + gamma + 1)
