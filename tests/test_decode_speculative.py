@@ -10,7 +10,7 @@ import pytest
 from llm import config as config_lib
 from llm.config import ConfigError
 from llm.inference import SamplingConfig, generate_sequences
-from llm.inference.decode import for_decoding, untied_head
+from llm.inference.decode import few_row_layout, for_decoding, untied_head
 from llm.inference.quantize import quantize_params
 from llm.inference.speculative import speculative_generate
 from llm.models import build
@@ -53,6 +53,8 @@ def test_untied_head_is_the_same_function_and_a_tied_target_still_matches_greedy
   assert untied_head(untied, untied_params)[0] is untied  # idempotent
   quantized = quantize_params(dec_params, "int8")
   assert untied_head(module, quantized)[1] is quantized  # int8 tables stay tied
+  # ... and quantized params keep XLA's default dots (its own int8 dots are the slow ones).
+  assert few_row_layout(module, quantized, rows=5) == (module, quantized, ())
   draft, draft_params = model_and_params(seed=1, **dict(GPT_TINY, num_layers=1))
   prompts = [[5, 6, 7], [9, 10, 11, 12]]
   sampling = SamplingConfig(temperature=0, max_new_tokens=8)

@@ -8,6 +8,7 @@ import pytest
 from llm.config import ConfigError
 from llm.inference import (SamplingConfig, generate, generate_sequences, sample, top_k_filter,
                            top_p_filter)
+from llm.inference.sampling import argmax
 from tests.helpers import LLAMA_TINY, GPT_TINY, model_and_params
 
 LOGITS = jax.random.normal(jax.random.PRNGKey(0), (4, 50)) * 3
@@ -58,6 +59,25 @@ def test_sampling_frequencies_match_the_renormalised_distribution(settings):
     degrees += len(expected) - 1  # 0 for a one-token nucleus: the support check above
     assert chi2 <= stats.chi2.ppf(1 - 1e-6, max(len(expected) - 1, 1)), (row, chi2, expected)
   assert degrees >= 3  # the rows together do test frequencies
+
+
+def test_argmax_is_numpys_first_index_of_the_max():
+  """Ties go to the first index and a NaN wins (as np.argmax), in rows of random logits,
+  ties, -inf and -1e30 (suppressed) values; last-index or NaN-blind versions fail."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((9, 37)).astype(np.float32)
+  x[1, [3, 20]] = 9.0  # a tie
+  x[2] = -np.inf
+  x[2, [30, 31]] = 1.0
+  x[3, 5], x[3, 7] = np.nan, 50.0
+  x[4] = -1e30
+  x[5, :] = 2.0  # all tied
+  x[6, [0, 36]] = np.nan
+  x[7, -1] = 100.0
+  x[8, 0] = 100.0
+  got = np.asarray(jax.jit(argmax)(jnp.asarray(x)))
+  np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+  assert got.dtype == np.int32
 
 
 def test_filters_keep_exactly_the_expected_sets():

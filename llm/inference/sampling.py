@@ -79,10 +79,20 @@ def suppress(logits_BV: jax.Array, ids: Sequence[int]) -> jax.Array:
   return logits_BV.at[:, jnp.asarray(ids, jnp.int32)].set(_NEG_INF)
 
 
+def argmax(x_BV: jax.Array) -> jax.Array:
+  """jnp.argmax(x_BV, axis=-1) (first index of the max, of the first NaN in a row with one)
+  as two vectorised reductions. XLA:CPU runs argmax as one (value, index) reduction it does
+  not vectorise: over 4096 logits 13 us for one row and 49 us for five, against 2.3 and
+  11 us this way; a greedy step, a speculative round's drafts and verify all take one."""
+  max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
+  hit_BV = (x_BV == max_B1) | jnp.isnan(x_BV)
+  ids_V = jnp.arange(x_BV.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(hit_BV, ids_V, x_BV.shape[-1] - 1), axis=-1)
+
+
 def greedy_tokens(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """The argmax of each row (suppressed ids never win)."""
-  best_B = jnp.argmax(suppress(logits_BV.astype(jnp.float32), cfg.suppress_ids), axis=-1)
-  return best_B.astype(jnp.int32)
+  return argmax(suppress(logits_BV.astype(jnp.float32), cfg.suppress_ids))
 
 
 def sampling_logits(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
@@ -90,7 +100,7 @@ def sampling_logits(logits_BV: jax.Array, cfg: SamplingConfig) -> jax.Array:
   greedy: a point mass on the argmax (so speculative decoding treats both alike)."""
   logits_BV = suppress(logits_BV.astype(jnp.float32), cfg.suppress_ids)
   if cfg.greedy:
-    best_B = jnp.argmax(logits_BV, axis=-1)
+    best_B = argmax(logits_BV)
     return jnp.where(jnp.arange(logits_BV.shape[-1]) == best_B[:, None], 0.0, _NEG_INF)
   logits_BV = logits_BV / cfg.temperature
   return top_p_filter(top_k_filter(logits_BV, cfg.top_k), cfg.top_p)
