@@ -8,7 +8,7 @@ import pytest
 from llm.config import ConfigError
 from llm.inference import (SamplingConfig, generate, generate_sequences, sample, top_k_filter,
                            top_p_filter)
-from llm.inference.sampling import argmax
+from llm.inference.sampling import argmax, draw
 from tests.helpers import LLAMA_TINY, GPT_TINY, model_and_params
 
 LOGITS = jax.random.normal(jax.random.PRNGKey(0), (4, 50)) * 3
@@ -78,6 +78,54 @@ def test_argmax_is_numpys_first_index_of_the_max():
   got = np.asarray(jax.jit(argmax)(jnp.asarray(x)))
   np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
   assert got.dtype == np.int32
+
+
+def _sorted_reference_sets(x, k, p):
+  """The kept sets by sorting each row in float64: the k largest (ties at the k-th kept),
+  and the tokens whose strictly more likely tokens hold less than p of the mass."""
+  kth = -np.sort(-x, axis=-1)[:, k - 1:k]
+  probs = np.exp(x - x.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  above = np.array([[probs[r][x[r] > v].sum() for v in x[r]] for r in range(len(x))])
+  assert np.abs(above - p).min() > 1e-5  # no token on the edge, where float32 may differ
+  return x >= kth, above < p
+
+
+def test_bisected_filters_keep_the_sorted_references_sets():
+  """Rows with ties, negative and positive values and a suppressed (-1e30) logit: the
+  bisected thresholds keep exactly the sets a sort keeps, for k from 1 to V - 1."""
+  rng = np.random.default_rng(3)
+  x = (rng.standard_normal((6, 300)) * 2).astype(np.float32)
+  x[:, 10:20] = x[:, :1]  # ties with the first value
+  x[1] = np.round(x[1])  # many ties
+  x[2, 5] = -1e30
+  x[3] -= 50.0  # all negative
+  filters = jax.jit(lambda x, k, p: (top_k_filter(x, k), top_p_filter(x, p)),
+                    static_argnums=(1, 2))
+  for k, p in [(1, 0.01), (2, 0.3), (7, 0.5), (50, 0.9), (299, 0.99)]:
+    want_k, want_p = _sorted_reference_sets(x.astype(np.float64), k, p)
+    got_k, got_p = (np.asarray(f) > -1e29 for f in filters(jnp.asarray(x), k, p))
+    np.testing.assert_array_equal(got_k, want_k, err_msg=f"k={k}")
+    np.testing.assert_array_equal(got_p, want_p, err_msg=f"p={p}")
+    assert (got_k.sum(-1) >= k).all() and (got_p.sum(-1) >= 1).all()
+
+
+def test_draw_follows_unnormalised_weights_and_never_picks_a_zero():
+  """20,000 inverse-CDF draws per row: chi-square within its 1 - 1e-6 quantile, and
+  tokens of weight 0 (first, middle, last) never drawn."""
+  from scipy import stats
+  w = np.array([[0.0, 1.0, 2.0, 0.0, 3.0, 0.5, 0.0],
+                [5.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]], np.float32) * 7.0
+  n = 20_000
+  keys = jax.random.split(jax.random.PRNGKey(4), n)
+  draws = np.asarray(jax.jit(jax.vmap(lambda k: draw(k, jnp.asarray(w))))(keys))
+  for row in range(2):
+    counts = np.bincount(draws[:, row], minlength=w.shape[1])
+    assert not counts[w[row] == 0].any()
+    keep = w[row] > 0
+    expected = n * w[row][keep] / w[row].sum()
+    chi2 = ((counts[keep] - expected) ** 2 / expected).sum()
+    assert chi2 <= stats.chi2.ppf(1 - 1e-6, keep.sum() - 1), (row, chi2)
 
 
 def test_filters_keep_exactly_the_expected_sets():

@@ -31,8 +31,8 @@ from llm.config import ConfigError
 from llm.inference.decode import (decode_step, few_row_layout, for_decoding, jit_with, prefill,
                                   truncate_rows)
 from llm.inference.generate import Generation, prompt_inputs, to_generation
-from llm.inference.sampling import (SamplingConfig, greedy_tokens, sample, sampling_logits,
-                                    token_logprobs)
+from llm.inference.sampling import (SamplingConfig, draw, greedy_tokens, sample,
+                                    sampling_logits, token_logprobs)
 
 
 def check_draft(target_cfg, draft_cfg, gamma: int) -> None:
@@ -65,9 +65,8 @@ def _draft(draft, draft_params, state, first_BK, first_len_B, rng, sampling, gam
   def propose(state, rng):
     if sampling.greedy:
       return greedy_tokens(state.logits_BV, sampling), None
-    logits_BV = sampling_logits(state.logits_BV, sampling)
-    x_B = jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
-    return x_B, jax.nn.softmax(logits_BV, axis=-1)
+    q_BV = jax.nn.softmax(sampling_logits(state.logits_BV, sampling), axis=-1)
+    return draw(rng, q_BV), q_BV
 
   def step(carry, rng):
     state, x_B = carry
@@ -111,7 +110,7 @@ def _verify(target_logits_BKV, x_BG, q_BGV, rng, sampling):
   at = lambda x_BKV: jnp.take_along_axis(x_BKV, kept_B[:, None, None], axis=1)[:, 0]
   residual_BV = jnp.maximum(at(p_BKV) - at(q_BKV), 0.0)
   residual_BV = jnp.where(residual_BV.sum(-1, keepdims=True) > 0, residual_BV, at(p_BKV))
-  next_B = jax.random.categorical(next_rng, jnp.log(residual_BV), axis=-1).astype(jnp.int32)
+  next_B = draw(next_rng, residual_BV)
   return kept_B, next_B
 
 
