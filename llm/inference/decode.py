@@ -170,11 +170,15 @@ def untied_head(module: nn.Module, params):
 
 
 # XLA:CPU's YNNPACK dots repack the weight at every call. A decode loop reads the same
-# weights every step, so for a few rows XLA's own dots are faster: a 5-row dot costs
-# 1.5x a one-row one with them and 2.5x with YNNPACK (384 x 1152 kernel), and one-row
-# dots never go to YNNPACK. From about 32 rows YNNPACK is faster again.
-FEW_ROWS = 16
-_FEW_ROW_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# weights every step, so for a few rows XLA's own (Eigen) dots are faster: a 5-row dot
+# costs 1.5x a one-row one with them and 2.5x with YNNPACK (384 x 1152 kernel), and
+# one-row dots never go to YNNPACK. Whole loops break even at about 8 rows (beam search,
+# 8 rows: 168 vs 171 ms; 16 rows: 258 vs 240 ms for YNNPACK). Eigen single-threaded: on a
+# shared 2-core host the second thread joins a dot ~50 us late, and speculative decoding
+# ran 3-6% faster in three interleaved A/B runs without it.
+FEW_ROWS = 8
+_FEW_ROW_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",
+                    "xla_cpu_multi_thread_eigen": False}
 
 
 @functools.cache

@@ -13,10 +13,10 @@ Rows keep different numbers of tokens; each model's state is then cut back per r
 it is the first token both models read next round. When a row kept all gamma draft
 tokens the draft has not read the last of them, so next round it reads two.
 
-On CPU, with up to 16 rows of target tokens per round, the loop compiles with XLA's own
-dots instead of YNNPACK's (`decode.few_row_layout`): the (gamma + 1)-row verify then
-costs 1.1-1.4x a one-token step instead of about 1.6x (benchmarks/decode_strategies.py),
-and a whole call runs 1.17-1.23x faster.
+On CPU, with up to `decode.FEW_ROWS` target tokens per round (all rows), the loop
+compiles with XLA's own single-threaded dots instead of YNNPACK's
+(`decode.few_row_layout`): the (gamma + 1)-row verify then costs 1.1-1.4x a one-token
+step instead of about 1.6x (benchmarks/decode_strategies.py).
 """
 
 from __future__ import annotations
