@@ -39,8 +39,9 @@ def _reference_distribution(logits, temperature, top_k=0, top_p=1.0):
                                       dict(temperature=1.0, top_k=12, top_p=0.9)])
 def test_sampling_frequencies_match_the_renormalised_distribution(settings):
   """20,000 draws per row in one jitted call: a chi-square statistic (the rarest bins
-  pooled to an expected count of 5) within its 1 - 1e-6 quantile, and nothing outside the support. Uniform
-  sampling within top-k, a temperature applied after the filters or not at all fail."""
+  pooled to an expected count of 5) within its 1 - 1e-6 quantile, and nothing outside the
+  support. Uniform sampling within top-k, a temperature applied after the filters or not
+  at all fail."""
   from scipy import stats
   n = 20_000
   cfg = SamplingConfig(**settings)

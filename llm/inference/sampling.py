@@ -113,7 +113,8 @@ def draw(rng: jax.Array, weights_BV: jax.Array) -> jax.Array:
   cdf_BV = jnp.cumsum(weights_BV.astype(jnp.float32), axis=-1)
   u_B1 = jax.random.uniform(rng, (weights_BV.shape[0], 1)) * cdf_BV[:, -1:]
   token_B = jnp.minimum(jnp.sum(cdf_BV <= u_B1, axis=-1), weights_BV.shape[-1] - 1)
-  # Rounding can only land on a token of weight 0 at the end; take the likeliest then.
+  # Float rounding (u at the total, a cumsum not exactly monotone) could still pick a
+  # token of weight 0: the likeliest one is taken instead.
   hit_B = jnp.take_along_axis(weights_BV, token_B[:, None], axis=-1)[:, 0] > 0
   return jnp.where(hit_B, token_B, argmax(weights_BV)).astype(jnp.int32)
 
