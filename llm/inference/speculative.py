@@ -185,11 +185,13 @@ def _speculative(target, params, draft, draft_params, inputs: dict, rng,
 def speculative_layout(target, params, draft, draft_params, batch: int, gamma: int):
   """(target, params, draft, draft_params, compiler options) as the loop runs them, for
   models already `for_decoding`: one compile for both, so the draft's dots (up to 2 tokens
-  a row) take the target's options too."""
-  target, params, options = few_row_layout(target, params, rows=batch * (gamma + 1))
+  a row) take the target's options too, or both keep the defaults (a quantized draft)."""
+  laid_target, laid_params, options = few_row_layout(target, params, rows=batch * (gamma + 1))
   if options:
-    draft, draft_params, options = few_row_layout(draft, draft_params, rows=2 * batch)
-  return target, params, draft, draft_params, options
+    laid_draft, laid_draft_params, options = few_row_layout(draft, draft_params, rows=2 * batch)
+  if not options:
+    return target, params, draft, draft_params, ()
+  return laid_target, laid_params, laid_draft, laid_draft_params, options
 
 
 def speculative_generate(target: nn.Module, params, draft: nn.Module, draft_params,
