@@ -11,11 +11,18 @@ The sides run in interleaved rounds (ours, each peer thread setting, each bandwi
 probe), and every ratio is taken within a round, then the median over rounds: a shared
 host's load changes between rounds, not within one. The probe streams --bandwidth_mb
 (default 512 MB, beyond most L3s); a model that fits in the L3 can beat that bound.
+
+The matvec floor: a loop of steps that only read the same weights, each kernel once per
+step (layer norms and GELU between them, no attention, no sampling), in each of three
+layouts; the fastest one per round. A decode step can be no faster, so peer time per
+token over floor time per step caps the speed-up any decode of these weights can reach
+with XLA:CPU's kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 
@@ -83,6 +90,56 @@ def bandwidth_ways(megabytes: int) -> dict:
           "numpy_sum": lambda: x_np.sum(), "torch_sum": lambda: x_t.sum()}, n * 4
 
 
+# Kernels stored (out, in) and read as x @ W^T in each floor layout (the rest as stored).
+_FLOOR_LAYOUTS = {"as_stored": (), "up_transposed": ("qkv", "wi"),
+                  "up_and_out_transposed": ("qkv", "out", "wi")}
+
+
+def matvec_floor(params, steps: int = 64) -> tuple[dict, int]:
+  """Ways of running `steps` weight-only decode steps ({layout: fn}) and steps per call.
+
+  Each step reads every kernel once: per layer a norm, q/k/v (all outputs summed into
+  the attention's place), out, a norm, up, GELU, down; then the tied head. XLA:CPU fuses
+  x @ W^T with a (D,) x into a two-thread loop that streams W's rows, faster than its
+  own matrix-vector dot; the head is the (V, D) table in every layout.
+  """
+  layers = [params[f"layers_{i}"] for i in range(sum(k.startswith("layers_") for k in params))]
+  table = params["embed"]["embedding"]
+  d = table.shape[1]
+
+  def norm(x):
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+
+  def kernels(p, transposed):  # (name, 2-D kernel (in, out) or (out, in)) per matmul
+    k = {"qkv": p["attn"]["qkv"]["kernel"], "out": p["attn"]["out"]["kernel"],
+         "wi": p["mlp"]["wi"]["kernel"], "wo": p["mlp"]["wo"]["kernel"]}
+    k = {n: w.reshape(d, -1) if n == "qkv" else w.reshape(-1, w.shape[-1])
+         for n, w in k.items()}
+    return {n: jnp.transpose(w).copy() if n in transposed else w for n, w in k.items()}
+
+  def run(x_1D, layer_kernels, head, transposed):
+    mm = lambda x, name, w: x @ w.T if name in transposed else x @ w
+
+    def step(_, x_1D):
+      for k in layer_kernels:
+        mixed_1D = mm(norm(x_1D), "qkv", k["qkv"]).reshape(1, -1, d).sum(1)
+        x_1D = x_1D + mm(mixed_1D, "out", k["out"])
+        x_1D = x_1D + mm(jax.nn.gelu(mm(norm(x_1D), "wi", k["wi"])), "wo", k["wo"])
+      return x_1D + jnp.max(norm(x_1D) @ head.T) * 1e-6  # every logit used
+    return jax.lax.fori_loop(0, steps, step, x_1D)
+
+  x_1D = jnp.ones((1, d), jnp.float32)
+  ways = {}
+  for name, transposed in _FLOOR_LAYOUTS.items():
+    # jit arguments, not closed-over constants (XLA would lay those out as it likes)
+    layer_kernels = jax.block_until_ready([kernels(p, transposed) for p in layers])
+    fn = jax.jit(functools.partial(run, transposed=transposed))
+    ways[name] = functools.partial(
+        lambda fn, k: fn(x_1D, k, table).block_until_ready(), fn, layer_kernels)
+  return ways, steps
+
+
 def bytes_per_token(cfg, params, prompt_len: int, new_tokens: int) -> dict:
   """Weights every generated token must read, plus the mean KV cache it attends to.
 
@@ -113,9 +170,10 @@ def main():
     peers = {f"peer_threads_{t}": with_threads(peer_call, t)
              for t in peer_thread_counts(args.peer_threads)}
     ways, nbytes = bandwidth_ways(args.bandwidth_mb)
+    floors, floor_steps = matvec_floor(params)
     times = interleaved({"ours": our_call, "ours_1_token": lambda: our_call(1),
-                                **peers, **{f"bw_{k}": fn for k, fn in ways.items()}},
-                               args.repeats)
+                         **peers, **{f"bw_{k}": fn for k, fn in ways.items()},
+                         **{f"floor_{k}": fn for k, fn in floors.items()}}, args.repeats)
     torch.set_num_threads(cores())
     ours_tokens, peer_tokens = our_call(), peer_call()
     assert len(ours_tokens) == n and len(peer_tokens) == n, (len(ours_tokens), len(peer_tokens))
@@ -130,6 +188,9 @@ def main():
     speedup_r = [min(times[k][r] for k in peers) / times["ours"][r] for r in range(args.repeats)]
     steady_r = [(n - 1) / (a - b) for a, b in zip(times["ours"], times["ours_1_token"])]
     fraction_r = [t / b for t, b in zip(ours_tps_r, bound_r)]
+    floor_r = [min(times[f"floor_{k}"][r] for k in floors) / floor_steps
+               for r in range(args.repeats)]
+    peer_token_r = [min(times[k][r] for k in peers) / n for r in range(args.repeats)]
     result.update({
         "prompt_len": args.prompt_len, "new_tokens": n, "batch": 1, "repeats": args.repeats,
         "schedule": "interleaved rounds; medians over rounds (per-round ratios)",
@@ -149,6 +210,13 @@ def main():
             [s / b for s, b in zip(steady_r, bound_r)]),
         "peer_fraction_of_bound": statistics.median(
             [n / min(times[k][r] for k in peers) / bound_r[r] for r in range(args.repeats)]),
+        "matvec_floor_s_per_step_by_layout": {
+            k: statistics.median(times[f"floor_{k}"]) / floor_steps for k in floors},
+        "matvec_floor_s_per_step": statistics.median(floor_r),
+        "ours_steady_state_s_per_step": 1 / statistics.median(steady_r),
+        "peer_s_per_token": statistics.median(peer_token_r),
+        "speedup_ceiling_at_matvec_floor": statistics.median(
+            [p / f for p, f in zip(peer_token_r, floor_r)]),
         "same_tokens_as_peer": ours_tokens == peer_tokens,
         "first_mismatch": next((i for i, (a, b) in enumerate(zip(ours_tokens, peer_tokens))
                                 if a != b), None),
