@@ -11,6 +11,10 @@ from llm.models import build
 GPT_TINY = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, d_ff=64, max_len=32)
 LLAMA_TINY = dict(GPT_TINY, num_kv_heads=2, positions="rope", norm="rmsnorm",
                   activation="swiglu", use_bias=False, tie_embeddings=False)
+T5_TINY = dict(family="encoder_decoder", vocab_size=64, d_model=32, num_layers=2,
+               num_decoder_layers=2, num_heads=4, d_ff=64, max_len=32, positions="relative",
+               norm="rmsnorm", use_bias=False, activation="geglu", scale_attention=False,
+               tie_embeddings=False)
 
 
 def model_and_params(seed=0, **overrides):

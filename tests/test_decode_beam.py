@@ -13,12 +13,8 @@ from llm.config import ConfigError
 from llm.inference import SamplingConfig, beam_search, generate_sequences
 from llm.inference.beam import length_normalizer
 from llm.models import build
-from tests.helpers import LLAMA_TINY, model_and_params
+from tests.helpers import LLAMA_TINY, T5_TINY, model_and_params
 
-T5_TINY = dict(family="encoder_decoder", vocab_size=64, d_model=32, num_layers=2,
-               num_decoder_layers=2, num_heads=4, d_ff=64, max_len=32, positions="relative",
-               norm="rmsnorm", use_bias=False, activation="geglu", scale_attention=False,
-               tie_embeddings=False)
 
 
 def _peaky(params):

@@ -4,16 +4,20 @@
 `ExpertLinear` and the tied output embedding (`Embed.attend`) all call it. A quantized
 kernel (`llm.layers.quant.QArray`: any object with `quantized_dot` and `quantized_take`) plugs in
 here without the models knowing; LoRA wraps the three modules by interception
-(`llm.peft.lora`).
+(`llm.peft.lora`). A `RowKernel` (a decode layout of a `Linear`'s kernel and bias) is
+the other kind of kernel object.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from llm.layers.common import dtype_of
 
@@ -30,11 +34,11 @@ def kernel_param(module: nn.Module, name: str, init, shape, dtype):
   param's first leaf against, so its (float) `shape` is checked here instead."""
   if module.has_variable("params", name):
     value = module.get_variable("params", name)
-    if hasattr(value, "quantized_dot"):
+    if hasattr(value, "quantized_dot") or isinstance(value, RowKernel):
       if tuple(value.shape) != tuple(shape):
-        raise ValueError(f"the quantized param {name!r} of {module.name} has shape "
-                         f"{tuple(value.shape)}, the model expects {tuple(shape)}; quantize "
-                         "a checkpoint of this model config")
+        raise ValueError(f"the {type(value).__name__} param {name!r} of {module.name} has "
+                         f"shape {tuple(value.shape)}, the model expects {tuple(shape)}; lay "
+                         "out (or quantize) a checkpoint of this model config")
       return value
   return module.param(name, init, shape, dtype)
 
@@ -45,6 +49,50 @@ def dot(x: jax.Array, kernel, dimension_numbers, dtype) -> jax.Array:
   if hasattr(kernel, "quantized_dot"):  # a quantized kernel dequantizes inside its own dot
     return kernel.quantized_dot(x.astype(dtype), dimension_numbers, dtype)
   return jax.lax.dot_general(x.astype(dtype), jnp.asarray(kernel, dtype), dimension_numbers)
+
+
+@struct.dataclass
+class RowKernel:
+  """A float kernel (in..., out...) and its bias stored for one-row dots: `rows` is
+  (prod(out), prod(in) + 1), the kernel transposed with the bias (zeros without one) as
+  its last column, and y = [x, 1] rows^T.
+
+  Why: XLA:CPU computes a one-row x @ W with W (in, out) as an Eigen matrix-vector dot,
+  and x @ R^T with R's rows contiguous as a fused two-thread loop that also takes in the
+  layer norm before it; for d_model 384 the loop reads the weights 1.4-1.6x faster
+  (benchmarks/decode_throughput.py's matvec floor). A separate bias add would fuse into a
+  dot instead and make XLA copy R transposed at every step, hence the bias column.
+  """
+
+  rows: jax.Array
+  shape: tuple = struct.field(pytree_node=False)  # the float kernel's
+  in_dims: int = struct.field(pytree_node=False)
+
+  @classmethod
+  def of(cls, kernel: jax.Array, bias, in_dims: int) -> "RowKernel":
+    inputs = math.prod(kernel.shape[:in_dims])
+    bias = jnp.zeros(kernel.shape[in_dims:], kernel.dtype) if bias is None else bias
+    rows = jnp.concatenate([jnp.reshape(kernel, (inputs, -1)).T,
+                            jnp.reshape(bias, (-1, 1)).astype(kernel.dtype)], axis=1)
+    return cls(rows, tuple(kernel.shape), in_dims)
+
+  @property
+  def dtype(self):
+    return self.rows.dtype
+
+  def kernel_and_bias(self) -> tuple[jax.Array, jax.Array]:
+    """The float (kernel, bias) this was made of."""
+    return (self.rows[:, :-1].T.reshape(self.shape),
+            self.rows[:, -1].reshape(self.shape[self.in_dims:]))
+
+  def biased_dot(self, x: jax.Array, dtype) -> jax.Array:
+    """x W + b for x (..., in...), in the compute `dtype`."""
+    dtype = dtype_of(dtype)
+    x_BI = jnp.reshape(x, (*x.shape[:x.ndim - self.in_dims], -1)).astype(dtype)
+    x_BI = jnp.concatenate([x_BI, jnp.ones((*x_BI.shape[:-1], 1), dtype)], axis=-1)
+    y_BO = jax.lax.dot_general(x_BI, self.rows.astype(dtype), (((x_BI.ndim - 1,), (1,)),
+                                                                ((), ())))
+    return y_BO.reshape(*x_BI.shape[:-1], *self.shape[self.in_dims:])
 
 
 def take_rows(table, ids: jax.Array, dtype) -> jax.Array:
@@ -81,6 +129,8 @@ class Linear(nn.Module):
         self, "kernel",
         logical_init(nn.initializers.normal(self.init_std), self.axes),
         (*in_shape, *self.features), dtype_of(self.param_dtype))
+    if isinstance(kernel, RowKernel):  # its bias inside (llm.inference.one_row_layout)
+      return kernel.biased_dot(x, self.dtype)
     y = dot(x, kernel, contract_last(x.ndim, self.in_dims), self.dtype)
     if self.use_bias:
       bias = self.param("bias", logical_init(nn.initializers.zeros, self.axes[self.in_dims:]),
