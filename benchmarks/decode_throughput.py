@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from llm import convert, models
-from llm.inference import SamplingConfig, for_decoding, generate, one_row_layout
+from llm.inference import SamplingConfig, decode_layout, for_decoding, generate
 
 
 def parse_args():
@@ -51,11 +51,11 @@ def parse_args():
 def ours(hf_model, prompt: list[int], new_tokens: int):
   """A blocking call of our jitted KV-cache generate on the peer's weights, and its info."""
   cfg, np_params = convert.from_transformers(hf_model)
-  # The decode layout once (per-layer params, fused q/k/v), as a server would hold it,
-  # and the batch-1 one (kernels as RowKernels) that generate() would otherwise make
-  # from it at every call (~17 ms). The floors read the former.
+  # The batch-1 decode layout once (per-layer params, fused q/k/v, kernels as
+  # RowKernels), as a server would hold it; generate() would otherwise make it at every
+  # call (~17 ms). The floors and byte counts read the float layout.
   module, params = for_decoding(models.build(cfg), jax.device_put(np_params))
-  _, row_params = one_row_layout(module, params)
+  _, row_params = decode_layout(module, params, rows=1)
   rng = jax.random.PRNGKey(0)
 
   def call(n=new_tokens):

@@ -32,7 +32,7 @@ import numpy as np
 
 from llm import config as config_lib
 from llm import models
-from llm.inference import SamplingConfig, for_decoding, generate
+from llm.inference import SamplingConfig, decode_layout, generate
 from llm.inference.quantize import inference_config, param_bytes, quantize_params
 
 OURS = ("none", "bf16", "int8", "int4")
@@ -51,9 +51,8 @@ def parse_args():
 
 def variants(cfg, params, with_qwix: bool) -> dict:
   """{name: (module, params)}."""
-  # Laid out for decoding once, as a server would (`generate` then leaves them as they are).
-  out = {mode: for_decoding(models.build(inference_config(cfg, mode)),
-                            quantize_params(params, mode)) for mode in OURS}
+  out = {mode: (models.build(inference_config(cfg, mode)), quantize_params(params, mode))
+         for mode in OURS}
   if with_qwix:
     import qwix
     module = models.build(cfg)
@@ -82,8 +81,13 @@ def main():
   sampling = SamplingConfig(temperature=0.0, max_new_tokens=args.new_tokens)
   runs = variants(cfg, params, not args.no_qwix)
 
+  # Laid out for decoding at each batch size once, as a server would (`generate` then
+  # leaves them as they are); qwix's trees as qwix made them.
+  laid = {(name, b): decode_layout(*runs[name], b) if name in OURS else runs[name]
+          for name in runs for b in batches}
+
   def call(name, b):
-    m, p = runs[name]
+    m, p = laid[name, b]
     out = generate(m, p, prompts[b], sampling, jax.random.PRNGKey(0))
     return out.lists() if hasattr(out, "lists") else out
 

@@ -40,7 +40,7 @@ def test_row_kernel_linear_is_its_kernel_and_bias(in_dims, features, use_bias):
   np.testing.assert_array_equal(back_kernel, kernel)
   np.testing.assert_array_equal(back_bias, params["bias"] if use_bias else np.zeros(features))
   wrong = RowKernel.of(kernel[..., :1] if in_dims == 2 else kernel[..., :1, :], None, in_dims)
-  with pytest.raises(ValueError, match="RowKernel param 'kernel'.*the model expects"):
+  with pytest.raises(ValueError, match="RowKernel param 'kernel'.*the model expects.*; lay out a "):
     layer.apply({"params": {"kernel": wrong}}, x)
 
 

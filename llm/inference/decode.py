@@ -260,6 +260,14 @@ def one_row_layout(module: nn.Module, params):
   return module, lay(params)
 
 
+def decode_layout(module: nn.Module, params, rows: int):
+  """The layout `generate` decodes `rows` prompts in: `for_decoding`'s and, for one row,
+  `one_row_layout`'s. Idempotent: a caller that decodes many times at one batch size lays
+  out once and passes the result on (as the benchmarks do)."""
+  module, params = for_decoding(module, params)
+  return one_row_layout(module, params) if rows == 1 else (module, params)
+
+
 @functools.cache
 def jit_with(fn, options: tuple, static_argnames: tuple):
   """`fn` jitted with XLA compiler `options` (items; empty: the defaults)."""

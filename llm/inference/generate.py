@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm.config import ConfigError
-from llm.inference.decode import (DecodeState, decode_step, for_decoding, one_row_layout,
-                                  prefill)
+from llm.inference.decode import DecodeState, decode_layout, decode_step, prefill
 from llm.inference.sampling import SamplingConfig, sample
 
 
@@ -150,9 +149,7 @@ def generate_sequences(module: nn.Module, params, prompts: Sequence[Sequence[int
   lengths. Decoders continue the prompt; encoder-decoders decode from `start_id`."""
   inputs, cache_len = prompt_inputs(module.cfg, prompts, sampling.max_new_tokens, pad_id,
                                     start_id)
-  module, params = for_decoding(module, params)
-  if len(prompts) == 1:
-    module, params = one_row_layout(module, params)
+  module, params = decode_layout(module, params, len(prompts))
   tokens_BN, logps_BN = _sample_sequences(module, params, inputs, rng, sampling, cache_len)
   return to_generation(tokens_BN, logps_BN, sampling.eos_id)
 

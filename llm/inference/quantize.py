@@ -197,7 +197,7 @@ def compare_modes(model_cfg, trees: dict, rows: dict, prompt_len: int = 16,
   Decode is greedy, exactly `new_tokens` per row, prompts cut from the rows; calls of all
   modes are interleaved and the median counts (a busy machine slows them alike)."""
   import time
-  from llm.inference import SamplingConfig, generate
+  from llm.inference import SamplingConfig, decode_layout, generate
   from llm.models import build
   modules = {mode: build(inference_config(model_cfg, mode)) for mode in trees}
   report = {mode: {"param_bytes": param_bytes(p),
@@ -206,8 +206,10 @@ def compare_modes(model_cfg, trees: dict, rows: dict, prompt_len: int = 16,
   sampling = SamplingConfig(temperature=0.0, max_new_tokens=new_tokens)
   inputs = np.asarray(rows["inputs"])[:, :prompt_len]
   prompts = {b: np.resize(inputs, (b, prompt_len)).tolist() for b in batches}
-  run = lambda mode, b: generate(modules[mode], trees[mode], prompts[b], sampling,
-                                 jax.random.PRNGKey(0))
+  # Laid out once per batch size, as a server would hold them.
+  laid = {(mode, b): decode_layout(modules[mode], trees[mode], b) for mode in trees
+          for b in batches}
+  run = lambda mode, b: generate(*laid[mode, b], prompts[b], sampling, jax.random.PRNGKey(0))
   times = {(mode, b): [] for mode in trees for b in batches}
   for key in times:
     run(*key)  # compile

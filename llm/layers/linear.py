@@ -36,9 +36,10 @@ def kernel_param(module: nn.Module, name: str, init, shape, dtype):
     value = module.get_variable("params", name)
     if hasattr(value, "quantized_dot") or isinstance(value, RowKernel):
       if tuple(value.shape) != tuple(shape):
+        fix = "lay out" if isinstance(value, RowKernel) else "quantize"
         raise ValueError(f"the {type(value).__name__} param {name!r} of {module.name} has "
-                         f"shape {tuple(value.shape)}, the model expects {tuple(shape)}; lay "
-                         "out (or quantize) a checkpoint of this model config")
+                         f"shape {tuple(value.shape)}, the model expects {tuple(shape)}; "
+                         f"{fix} a checkpoint of this model config")
       return value
   return module.param(name, init, shape, dtype)
 
