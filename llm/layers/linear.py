@@ -10,9 +10,8 @@ the other kind of kernel object.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import math
+from typing import Sequence
 
 import flax.linen as nn
 import jax
