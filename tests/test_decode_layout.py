@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from llm import config as config_lib
-from llm.inference import SamplingConfig, for_decoding, generate_sequences, one_row_layout
+from llm.inference import (SamplingConfig, decode_layout, for_decoding, generate_sequences,
+                           one_row_layout)
 from llm.inference.quantize import quantize_params
 from llm.layers.linear import Linear, RowKernel
 from llm.models import build
@@ -72,7 +73,10 @@ def test_one_row_layout_keeps_logits_and_batch_one_generates_as_a_batch_does(nam
   again = one_row_layout(module, laid)[1]
   assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(laid)
   assert all(a is b for a, b in zip(_rows(again), _rows(laid)))
-  # generate lays batch-1 params out itself; row 0 of a batch is the float layout's
+  # generate lays batch-1 params out itself (decode_layout); row 0 of a batch is the
+  # float layout's
+  assert len(_rows(decode_layout(module, params, 1)[1])) == len(_rows(laid))
+  assert not _rows(decode_layout(module, params, 2)[1])
   one, batch = _generate(module, params, [[5, 6, 7]]), _generate(module, params, [[5, 6, 7],
                                                                                  [9, 3]])
   np.testing.assert_array_equal(one.tokens[0], batch.tokens[0])
