@@ -3,39 +3,23 @@ as every prefix finds the exhaustive-search optimum (with a length penalty and E
 
 import itertools
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from llm import config as config_lib
 from llm.config import ConfigError
 from llm.inference import SamplingConfig, beam_search, generate_sequences
 from llm.inference.beam import length_normalizer
-from llm.models import build
-from tests.helpers import LLAMA_TINY, T5_TINY, model_and_params
-
-
-
-def _peaky(params):
-  # Larger weights than the init, so that next-token distributions are far from uniform.
-  return jax.tree_util.tree_map(lambda x: x * 4 if x.ndim > 1 else x, params)
-
-
-def _seq2seq():
-  module = build(config_lib.model_from_dict(T5_TINY))
-  params = nn.unbox(jax.jit(module.init)(jax.random.PRNGKey(0), np.ones((1, 4), np.int32),
-                                         np.ones((1, 3), np.int32))["params"])
-  return module, _peaky(params)
+from tests.helpers import LLAMA_TINY, model_and_params, peaky, t5_tiny_and_params
 
 
 @pytest.mark.parametrize("family", ["decoder", "seq2seq"])
 def test_width_one_is_greedy_and_wider_beams_score_higher(family):
   if family == "decoder":
     module, params = model_and_params(**LLAMA_TINY)
-    module, params = module.module, _peaky(params)
+    module, params = module.module, peaky(params)
   else:
-    module, params = _seq2seq()
+    module, params = t5_tiny_and_params()
   prompts = [[5, 6, 7], [9, 10, 11, 12, 13]]
   sampling = SamplingConfig(temperature=0, max_new_tokens=6)
   greedy = generate_sequences(module, params, prompts, sampling, jax.random.PRNGKey(0))

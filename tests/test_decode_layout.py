@@ -14,7 +14,7 @@ from llm.inference import (SamplingConfig, decode_layout, for_decoding, generate
 from llm.inference.quantize import quantize_params
 from llm.layers.linear import Linear, RowKernel
 from llm.models import build
-from tests.helpers import GPT_TINY, LLAMA_TINY, T5_TINY, model_and_params
+from tests.helpers import GPT_TINY, LLAMA_TINY, model_and_params, t5_tiny_and_params
 
 _is_row = lambda x: isinstance(x, RowKernel)
 
@@ -104,10 +104,7 @@ def test_quantized_and_lora_kernels_keep_their_layout():
 
 
 def test_seq2seq_batch_one_generates_as_a_batch_does():
-  module = build(config_lib.model_from_dict(T5_TINY))
-  params = nn.unbox(jax.jit(module.init)(jax.random.PRNGKey(0), np.ones((1, 4), np.int32),
-                                         np.ones((1, 3), np.int32))["params"])
-  params = jax.tree_util.tree_map(lambda x: x * 4 if x.ndim > 1 else x, params)
+  module, params = t5_tiny_and_params()
   assert len(_rows(one_row_layout(*for_decoding(module, params))[1])) > 0
   one = _generate(module, params, [[5, 6, 7, 8]])
   batch = _generate(module, params, [[5, 6, 7, 8], [9, 3]])
